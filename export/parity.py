@@ -1,0 +1,122 @@
+"""Parity of exported graphs against the PyTorch reference, on seeded inputs across timesteps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.onnx_export import classifier_gradient
+from runtime.backends.onnxruntime import OrtBackend
+
+FP32_TOL = 1e-4
+
+
+@dataclass
+class ParityRow:
+    """One component's agreement with the reference over all checked batches and timesteps."""
+
+    artifact: str
+    role: str
+    precision: str
+    batches: list[int]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    ref_max: float
+    tol: float
+    passed: bool
+    what: str = "onnxruntime-cpu vs pytorch fp32"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parity_inputs(role: str, model: nn.Module, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: x ~ N(0, 1), timesteps spread over 0..T-1, labels over the classes."""
+    rng = np.random.default_rng(seed)
+    size = model.image_size
+    steps = model.spec.diffusion["diffusion_steps"]
+    feeds = {
+        "x": rng.standard_normal((batch, 3, size, size), dtype=np.float32),
+        "t": np.linspace(0, steps - 1, batch).round().astype(np.int64)
+        if batch > 1
+        else np.array([rng.integers(0, steps)], np.int64),
+    }
+    if role == "upsampler":
+        small = model.spec.ctor["small_size"]
+        feeds["low_res"] = rng.uniform(-1, 1, (batch, 3, small, small)).astype(np.float32)
+    classes = model.out_channels if role in ("classifier", "classifier_grad") else model.num_classes
+    if classes is not None and role != "classifier":
+        feeds["y"] = rng.integers(0, classes, batch).astype(np.int64)
+    if role == "classifier_grad":
+        feeds["scale"] = np.array(rng.uniform(0.5, 4.0), np.float32)
+    return feeds
+
+
+@torch.no_grad()
+def reference_output(role: str, model: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    if role == "unet":
+        return model(t["x"], t["t"], t.get("y")).numpy()
+    if role == "upsampler":
+        return model(t["x"], t["t"], t["low_res"], t.get("y")).numpy()
+    if role == "classifier":
+        return model(t["x"], t["t"]).numpy()
+    if role == "classifier_grad":
+        return classifier_gradient(model)(t["x"], t["t"], t["y"], t["scale"]).numpy()
+    raise ValueError(role)
+
+
+def check_artifact(
+    path: str | Path,
+    role: str,
+    model: nn.Module,
+    *,
+    precision: str = "fp32",
+    batches: tuple[int, ...] = (1, 3),
+    tol: float | None = None,
+    seed: int = 0,
+) -> ParityRow:
+    """Run the graph in ONNX Runtime (CPU) and the reference on the same inputs, for each batch."""
+    tol = FP32_TOL if tol is None else tol
+    worst_abs = worst_rel = ref_max = 0.0
+    sum_abs, count = 0.0, 0
+    with OrtBackend(path) as backend:
+        for i, b in enumerate(batches):
+            feeds = parity_inputs(role, model, b, seed + i)
+            feeds = {k: v for k, v in feeds.items() if k in backend.inputs}
+            got = next(iter(backend(feeds).values())).astype(np.float64)
+            want = reference_output(role, model, feeds).astype(np.float64)
+            err = np.abs(got - want)
+            worst_abs = max(worst_abs, float(err.max()))
+            worst_rel = max(worst_rel, float((err / (np.abs(want) + 1e-6)).max()))
+            ref_max = max(ref_max, float(np.abs(want).max()))
+            sum_abs += float(err.sum())
+            count += err.size
+    return ParityRow(
+        artifact=Path(path).name,
+        role=role,
+        precision=precision,
+        batches=list(batches),
+        max_abs=worst_abs,
+        max_rel=worst_rel,
+        mean_abs=sum_abs / max(count, 1),
+        ref_max=ref_max,
+        tol=tol,
+        passed=worst_abs <= tol,
+    )
+
+
+def format_table(rows: list[ParityRow]) -> str:
+    head = f"{'artifact':<28} {'role':<16} {'prec':<5} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'|ref| max':>10} {'tol':>8}  pass"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.artifact:<28} {r.role:<16} {r.precision:<5} {r.max_abs:>10.2e} {r.max_rel:>10.2e} "
+            f"{r.mean_abs:>10.2e} {r.ref_max:>10.3g} {r.tol:>8.0e}  {'yes' if r.passed else 'NO'}"
+        )
+    return "\n".join(lines)
