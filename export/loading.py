@@ -57,20 +57,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"checkpoint {path} is not a readable safetensors file: {e}"
             ) from None
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    looks_torch = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    size = path.stat().st_size
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not looks_torch:
+            raise CheckpointError(
+                f"checkpoint {path} ({size:,} bytes) is not a PyTorch checkpoint (no zip or pickle "
+                f"header); pass the .pt or .safetensors file the model was saved to"
+            ) from None
         raise CheckpointError(
             f"refused to load {path}: it is a pickle that would run code or build objects other "
             f"than tensors, and gdexport loads checkpoints with weights_only=True. If you trust the "
             f"file, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
             f".state_dict(), 'clean.pt'). Detail: {str(e).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        size = path.stat().st_size
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        KeyError,
+        IndexError,
+        ValueError,
+    ) as e:
+        what = "looks truncated" if looks_torch else "is not a PyTorch checkpoint"
         raise CheckpointError(
-            f"checkpoint {path} ({size:,} bytes) cannot be read: it looks truncated or is not a "
-            f"PyTorch checkpoint; download or copy it again. Detail: {str(e).splitlines()[0]}"
+            f"checkpoint {path} ({size:,} bytes) cannot be read: it {what}; download or copy it "
+            f"again. Detail: {(str(e).splitlines() or [type(e).__name__])[0]}"
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

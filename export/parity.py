@@ -13,6 +13,17 @@ from export.onnx_export import classifier_gradient
 from runtime.backends.onnxruntime import OrtBackend
 
 FP32_TOL = 1e-4
+# Reduced precision is judged relative to the output's magnitude: |err| <= rel * max|ref|.
+RELATIVE_TOL = {"fp16": 2e-2}
+
+
+def tolerance_for(precision: str) -> float | tuple[str, float] | None:
+    """fp32: 1e-4 absolute; fp16: relative to max|ref|; int8 and others: report only (None)."""
+    if precision == "fp32":
+        return FP32_TOL
+    if precision in RELATIVE_TOL:
+        return ("rel", RELATIVE_TOL[precision])
+    return None
 
 
 @dataclass
@@ -27,8 +38,8 @@ class ParityRow:
     max_rel: float
     mean_abs: float
     ref_max: float
-    tol: float
-    passed: bool
+    tol: float | None
+    passed: bool | None
     what: str = "onnxruntime-cpu vs pytorch fp32"
 
     def to_json(self) -> dict:
@@ -78,11 +89,13 @@ def check_artifact(
     *,
     precision: str = "fp32",
     batches: tuple[int, ...] = (1, 3),
-    tol: float | None = None,
+    tol: float | tuple[str, float] | None = FP32_TOL,
     seed: int = 0,
 ) -> ParityRow:
-    """Run the graph in ONNX Runtime (CPU) and the reference on the same inputs, for each batch."""
-    tol = FP32_TOL if tol is None else tol
+    """Run the graph in ONNX Runtime (CPU) and the reference on the same inputs, for each batch.
+
+    `tol`: an absolute tolerance, ("rel", r) for r * max|ref|, or None to report only.
+    """
     worst_abs = worst_rel = ref_max = 0.0
     sum_abs, count = 0.0, 0
     with OrtBackend(path) as backend:
@@ -97,6 +110,7 @@ def check_artifact(
             ref_max = max(ref_max, float(np.abs(want).max()))
             sum_abs += float(err.sum())
             count += err.size
+    abs_tol = tol[1] * ref_max if isinstance(tol, tuple) else tol
     return ParityRow(
         artifact=Path(path).name,
         role=role,
@@ -106,8 +120,8 @@ def check_artifact(
         max_rel=worst_rel,
         mean_abs=sum_abs / max(count, 1),
         ref_max=ref_max,
-        tol=tol,
-        passed=worst_abs <= tol,
+        tol=abs_tol,
+        passed=None if abs_tol is None else worst_abs <= abs_tol,
     )
 
 
@@ -117,6 +131,14 @@ def format_table(rows: list[ParityRow]) -> str:
     for r in rows:
         lines.append(
             f"{r.artifact:<28} {r.role:<16} {r.precision:<5} {r.max_abs:>10.2e} {r.max_rel:>10.2e} "
-            f"{r.mean_abs:>10.2e} {r.ref_max:>10.3g} {r.tol:>8.0e}  {'yes' if r.passed else 'NO'}"
+            f"{r.mean_abs:>10.2e} {r.ref_max:>10.3g} {_fmt_tol(r.tol):>8}  {_fmt_pass(r.passed)}"
         )
     return "\n".join(lines)
+
+
+def _fmt_tol(tol: float | None) -> str:
+    return "-" if tol is None else f"{tol:.0e}"
+
+
+def _fmt_pass(passed: bool | None) -> str:
+    return "-" if passed is None else ("yes" if passed else "NO")

@@ -126,7 +126,7 @@ def _parse_value(key: str, text: str) -> Any:
         if text.lower() not in ("true", "false"):
             raise SpecError(f"flag --{key} takes True or False, got {text!r}")
         return text.lower() == "true"
-    if isinstance(default, int) or key in SR_KEYS:
+    if isinstance(default, int) or key in (*SR_KEYS, "num_samples", "batch_size"):
         try:
             return int(text)
         except ValueError:
@@ -231,7 +231,7 @@ def spec_from_flags(flags: dict[str, Any], kind: str | None = None) -> ModelSpec
     if kind == "classifier":
         f = {**CLASSIFIER_DEFAULTS, **{k: v for k, v in flags.items() if k in CLASSIFIER_DEFAULTS}}
         size = f["image_size"]
-        mult = flags.get("classifier_channel_mult") or _default_channel_mult(size, "classifier")
+        mult = _default_channel_mult(size, "classifier")
         ctor = dict(
             image_size=size,
             in_channels=3,
@@ -409,3 +409,17 @@ def _preset_key(name: str) -> str:
         f"unknown preset {name!r}.{hint} Presets: {', '.join(PRESETS)} "
         f"(`gdexport presets` lists them); or pass MODEL_FLAGS starting with '--'."
     )
+
+
+# Preset sets for `--set`: the components that are sampled together.
+PRESET_SETS: dict[str, dict[str, str]] = {
+    "digits": {
+        "unet": "digits-16",
+        "classifier": "digits-16-classifier",
+        "upsampler": "digits-16-32-upsampler",
+    },
+    "adm-64": {"unet": "adm-64", "classifier": "adm-64-classifier", "upsampler": "adm-64-256"},
+    "adm-128": {"unet": "adm-128", "classifier": "adm-128-classifier", "upsampler": "adm-128-512"},
+    "adm-256": {"unet": "adm-256", "classifier": "adm-256-classifier"},
+    "adm-512": {"unet": "adm-512", "classifier": "adm-512-classifier"},
+}

@@ -1,0 +1,171 @@
+"""The `gdexport` command: presets, export, check, build."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from export.spec import PRESET_SETS, SpecError
+
+COMPONENTS = ("unet", "classifier", "upsampler")
+_PREFIX = {"unet": "", "classifier": "classifier-", "upsampler": "upsampler-"}
+
+
+def component_options(f):
+    """--preset/--model-flags/--config/--checkpoint, and the same for the classifier and upsampler."""
+    for comp in reversed(COMPONENTS):
+        p = _PREFIX[comp]
+        what = {"unet": "base model", "classifier": "noisy classifier", "upsampler": "upsampler"}[
+            comp
+        ]
+        f = click.option(
+            f"--{p}checkpoint",
+            type=click.Path(dir_okay=False),
+            help=f"{what} weights (.pt / .safetensors); random weights if omitted",
+        )(f)
+        f = click.option(
+            f"--{p}config",
+            type=click.Path(dir_okay=False),
+            help=f"{what} as a JSON file (flags or constructor arguments)",
+        )(f)
+        f = click.option(
+            f"--{p}{'model-' if comp == 'unet' else ''}flags", help=f"{what} as MODEL_FLAGS"
+        )(f)
+        f = click.option(f"--{p}preset", help=f"{what} preset (`gdexport presets`)")(f)
+    f = click.option(
+        "--set",
+        "preset_set",
+        type=click.Choice(sorted(PRESET_SETS)),
+        help="a preset set: base + classifier (+ upsampler)",
+    )(f)
+    return f
+
+
+def collect_sources(kw: dict, seed: int):
+    from export.exporter import ComponentSource
+
+    sources = {}
+    chosen = dict(PRESET_SETS.get(kw.get("preset_set") or "", {}))
+    for comp in COMPONENTS:
+        p = _PREFIX[comp].replace("-", "_")
+        flags_key = "model_flags" if comp == "unet" else f"{p}flags"
+        given = [(k, kw.get(k)) for k in (f"{p}preset", flags_key, f"{p}config") if kw.get(k)]
+        if len(given) > 1:
+            raise click.UsageError(
+                f"give one of --{p.replace('_', '-')}preset / flags / config for the {comp}, not {len(given)}"
+            )
+        spec = given[0][1] if given else chosen.get(comp)
+        ckpt = kw.get(f"{p}checkpoint")
+        if spec is None:
+            if ckpt:
+                raise click.UsageError(
+                    f"--{p.replace('_', '-')}checkpoint given without a spec for the {comp}"
+                )
+            continue
+        if isinstance(spec, str) and spec.endswith(".json") and not Path(spec).is_file():
+            raise click.UsageError(f"config file {spec} does not exist")
+        sources[comp] = ComponentSource(spec, ckpt, seed=seed + COMPONENTS.index(comp))
+    return sources
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """gdexport: deploy guided-diffusion (ADM) models to ONNX Runtime and TensorRT."""
+
+
+@main.command()
+def presets():
+    """List the presets: name, kind, resolution, parameters, checkpoint file."""
+    import torch
+
+    from export.loading import build_model
+    from export.presets import PRESETS
+
+    click.echo(
+        f"{'preset':<24} {'kind':<11} {'resolution':<10} {'params':>12}  {'scale':>5}  {'steps':>6}  checkpoint"
+    )
+    for name, p in PRESETS.items():
+        with torch.device("meta"):
+            m = build_model(name)
+        n = sum(v.numel() for v in m.parameters())
+        s = m.spec
+        res = (
+            f"{s.ctor['small_size']}->{s.image_size}" if s.kind == "superres" else str(s.image_size)
+        )
+        scale = "" if s.recommended_scale is None else f"{s.recommended_scale:g}"
+        click.echo(
+            f"{name:<24} {s.kind:<11} {res:<10} {n:>12,}  {scale:>5}  {s.recommended_respacing:>6}  {p.get('checkpoint', '')}"
+        )
+    click.echo(
+        "\nsets (--set): "
+        + "; ".join(f"{k}: {', '.join(v.values())}" for k, v in PRESET_SETS.items())
+    )
+
+
+def export_options(f):
+    f = component_options(f)
+    f = click.option(
+        "-o", "--out", required=True, type=click.Path(file_okay=False), help="build folder"
+    )(f)
+    f = click.option("--batch-min", default=1, show_default=True)(f)
+    f = click.option("--batch-opt", default=1, show_default=True)(f)
+    f = click.option("--batch-max", default=16, show_default=True)(f)
+    f = click.option(
+        "--seed", default=0, show_default=True, help="seed of random weights (no checkpoint)"
+    )(f)
+    f = click.option(
+        "--no-check", is_flag=True, help="skip the parity check against the reference"
+    )(f)
+    return f
+
+
+def run_export(kw: dict) -> dict:
+    from export.exporter import ExportError, export_build
+    from export.loading import CheckpointError
+
+    try:
+        sources = collect_sources(kw, kw["seed"])
+        return export_build(
+            kw["out"], sources, batch_min=kw["batch_min"], batch_opt=kw["batch_opt"],
+            batch_max=kw["batch_max"], check=not kw["no_check"],
+        )  # fmt: skip
+    except (SpecError, CheckpointError, ExportError) as e:
+        _fail(str(e))
+
+
+@main.command("export")
+@export_options
+def export_cmd(**kw):
+    """Export each given component to ONNX in OUT, check parity, write the manifest last."""
+    manifest = run_export(kw)
+    files = ", ".join(a["file"] for a in manifest["artifacts"])
+    click.echo(f"wrote {kw['out']}: {files}, manifest.json")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--trajectory", is_flag=True, help="also compare whole guided sampling loops")
+@click.option("--steps", default="25", show_default=True, help="respacing of the trajectory check")
+@click.option("--precision", help="only artefacts of this precision")
+def check(build_dir, trajectory, steps, precision):
+    """Compare every artefact of a build with the PyTorch reference; exit 1 over tolerance."""
+    from export.checking import run_check
+
+    try:
+        ok = run_check(
+            Path(build_dir), trajectory=trajectory, steps=steps, precision=precision, log=click.echo
+        )
+    except (SpecError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""`Pipeline`: the guided sampling loop over a build's engines, base model then upsampler.
+
+    with Pipeline.from_manifest("build/") as pipe:
+        result = pipe.sample([1, 2, 3], scale=4.0, steps="ddim25", seed=0)
+        result.images  # (3, H, W, 3) uint8
+
+numpy and one backend; no global state: construct one per thread. Randomness is per sample: sample
+j of a run with seed s draws its initial noise, its step noise and (when not given) its label from
+its own generator seeded (s, j), so results do not depend on the batch size or on sharding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backends import Backend, BackendError, open_backend
+from runtime.images import to_uint8
+from runtime.manifest import Artifact, Manifest, ManifestError
+from runtime.sampling import NonFiniteError, sample_ddim, sample_ddpm
+from runtime.schedule import make_schedule
+
+SAMPLERS = ("ddim", "ddpm")
+# Separate generator streams per sample, so adding a stage never shifts another's noise.
+_STREAM_BASE, _STREAM_LABEL, _STREAM_UP = 0, 1, 2
+
+
+class SamplingError(ValueError):
+    """Bad sampling arguments; the message says what was wrong and how to fix it."""
+
+
+@dataclass
+class SampleResult:
+    """`images` (N, H, W, C) uint8 final samples (upsampled in a cascade), `labels` (N,) int64 or
+    None, `base_images` the base stage's uint8 samples in a cascade, `x` the final float32
+    (N, C, H, W) samples in [-1, 1], `timings` seconds per stage and in engine calls."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    x: np.ndarray
+    base_images: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    trajectory: dict[str, np.ndarray] | None = None
+
+
+class _Timed:
+    """Wraps a backend call and accumulates its wall time (for the loop-overhead figure)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, feeds):
+        t0 = time.perf_counter()
+        out = self.backend(feeds)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def _sample_rngs(seed: int, indices: Sequence[int], stream: int) -> list[np.random.Generator]:
+    return [np.random.default_rng([seed, j, stream]) for j in indices]
+
+
+def _stacked_normal(rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
+    """One standard-normal draw per sample generator, stacked to (B, *shape) float32."""
+    out = np.empty((len(rngs), *shape), np.float32)
+    for b, r in enumerate(rngs):
+        out[b] = r.standard_normal(shape, dtype=np.float32)
+    return out
+
+
+class Pipeline:
+    """The engines of one build (UNet, optional classifier gradient, optional upsampler)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        unet: tuple[Artifact, Backend],
+        classifier: tuple[Artifact, Backend] | None = None,
+        upsampler: tuple[Artifact, Backend] | None = None,
+    ):
+        self.manifest = manifest
+        self.unet_artifact, self._unet = unet[0], _Timed(unet[1])
+        self.classifier_artifact, self._clf = (
+            (classifier[0], _Timed(classifier[1])) if classifier else (None, None)
+        )
+        self.upsampler_artifact, self._up = (
+            (upsampler[0], _Timed(upsampler[1])) if upsampler else (None, None)
+        )
+        comps = manifest.components
+        self.base = comps["unet"]
+        self.classifier_info = comps.get("classifier") if classifier else None
+        self.upsampler_info = comps.get("upsampler") if upsampler else None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_manifest(
+        cls,
+        path: str | Path,
+        *,
+        engine: str | Path | None = None,
+        classifier: str | Path | bool | None = None,
+        upsampler: str | Path | bool | None = None,
+        precision: str | None = None,
+        backend: str | None = None,
+        backend_options: dict[str, Any] | None = None,
+    ) -> Pipeline:
+        """Open a build. `path`: the build folder, its manifest, or an engine file in it.
+
+        `engine`/`classifier`/`upsampler`: a file of the build, False to leave that stage out, or
+        None for the build's own artefact of the same precision and backend as the UNet engine.
+        Every file is checked against the manifest's sha256 before it is loaded.
+        """
+        manifest = Manifest.load(engine or path)
+        if "unet" not in manifest.components:
+            raise ManifestError(f"the build in {manifest.folder} has no UNet; export one first")
+        if engine is None and Path(path).is_file() and Path(path).name != "manifest.json":
+            engine = path
+        unet_art = (
+            manifest.artifact_for_file(engine)
+            if engine is not None
+            else manifest.artifact("unet", precision, _backend_kind(backend))
+            or manifest.artifact("unet")
+        )
+        if unet_art.role != "unet":
+            raise ManifestError(f"{unet_art.file} is a {unet_art.role} engine, not the UNet")
+
+        def pick(role: str, given) -> Artifact | None:
+            if given is False:
+                return None
+            if given not in (None, True):
+                art = manifest.artifact_for_file(given)
+                if art.role != role:
+                    raise ManifestError(f"{art.file} is a {art.role} engine, not a {role}")
+                return art
+            return (
+                manifest.artifact(role, unet_art.precision, unet_art.backend)
+                or manifest.artifact(role, None, unet_art.backend)
+                or manifest.artifact(role)
+            )
+
+        clf_art = pick("classifier_grad", classifier)
+        up_art = pick("upsampler", upsampler)
+        if classifier not in (None, False, True) and clf_art is None:
+            raise ManifestError("no classifier engine in this build")
+        opened: list[Backend] = []
+        try:
+
+            def open_(art: Artifact) -> tuple[Artifact, Backend]:
+                path = manifest.verify(art)
+                b = open_backend(path, backend if art.backend == "onnxruntime" and backend != "tensorrt" else art.backend,
+                                 batch=art.batch, **(backend_options or {}))  # fmt: skip
+                opened.append(b)
+                return art, b
+
+            return cls(
+                manifest,
+                open_(unet_art),
+                open_(clf_art) if clf_art else None,
+                open_(up_art) if up_art else None,
+            )
+        except BaseException:
+            for b in opened:
+                b.close()
+            raise
+
+    def close(self) -> None:
+        for t in (self._unet, self._clf, self._up):
+            if t is not None:
+                t.backend.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes the labels index: the UNet's if class-conditional, else the classifier's."""
+        n = self.base.get("num_classes")
+        if n is None and self.classifier_info is not None:
+            n = self.classifier_info.get("num_classes")
+        return n
+
+    @property
+    def batch_max(self) -> int:
+        arts = [
+            a for a in (self.unet_artifact, self.classifier_artifact, self.upsampler_artifact) if a
+        ]
+        return min(a.batch["max"] for a in arts)
+
+    # -- model callables ------------------------------------------------------------------------
+
+    def _unet_fn(self, y: np.ndarray | None) -> Callable:
+        wants_y = "y" in self._unet.backend.inputs
+        feeds: dict[str, np.ndarray] = {}
+        if wants_y:
+            feeds["y"] = y
+
+        def call(x, t):
+            feeds["x"], feeds["t"] = x, t
+            return self._unet(feeds)["out"]
+
+        return call
+
+    def _grad_fn(self, y: np.ndarray, scale: float) -> Callable:
+        feeds = {"y": y, "scale": np.asarray(scale, np.float32)}
+
+        def call(x, t):
+            feeds["x"], feeds["t"] = x, t
+            return self._clf(feeds)["grad"]
+
+        return call
+
+    def _up_fn(self, low_res: np.ndarray, y: np.ndarray | None) -> Callable:
+        feeds = {"low_res": low_res}
+        if "y" in self._up.backend.inputs:
+            feeds["y"] = y
+
+        def call(x, t):
+            feeds["x"], feeds["t"] = x, t
+            return self._up(feeds)["out"]
+
+        return call
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def resolve_labels(
+        self,
+        labels: Sequence[int] | np.ndarray | None,
+        num_samples: int | None,
+        seed: int,
+        first: int,
+    ) -> tuple[np.ndarray | None, int]:
+        n_classes = self.num_classes
+        if labels is not None:
+            labels = np.asarray(labels, np.int64).reshape(-1)
+            if num_samples is not None and num_samples != len(labels):
+                if len(labels) == 1:
+                    labels = np.repeat(labels, num_samples)
+                else:
+                    raise SamplingError(f"{len(labels)} labels given for {num_samples} samples")
+            if n_classes is None:
+                raise SamplingError(
+                    "labels given, but neither the model nor a classifier has classes"
+                )
+            bad = labels[(labels < 0) | (labels >= n_classes)]
+            if bad.size:
+                raise SamplingError(
+                    f"class {int(bad[0])} is out of range: this build has classes 0..{n_classes - 1}"
+                )
+            return labels, len(labels)
+        if num_samples is None or num_samples < 1:
+            raise SamplingError(f"give labels or a positive number of samples (got {num_samples})")
+        if n_classes is None:
+            return None, num_samples
+        rngs = _sample_rngs(seed, range(first, first + num_samples), _STREAM_LABEL)
+        return np.array([r.integers(0, n_classes) for r in rngs], np.int64), num_samples
+
+    def sample(
+        self,
+        labels: Sequence[int] | np.ndarray | None = None,
+        *,
+        num_samples: int | None = None,
+        batch: int | None = None,
+        scale: float | None = None,
+        steps: str | int | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        first_index: int = 0,
+        init_noise: np.ndarray | None = None,
+        step_noise: np.ndarray | None = None,
+        upsample: bool = True,
+        upsampler_steps: str | int | None = None,
+        save_trajectory: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SampleResult:
+        """Sample; returns uint8 NHWC images (upsampled when the build has an upsampler).
+
+        `labels` (N,) class ids, or `num_samples` with labels drawn per sample; `scale` guidance
+        (default: the manifest's, 0 = unguided); `steps` a respacing spec ("ddim25", "25", "250");
+        `init_noise` (N, C, H, W) and `step_noise` (K, N, C, H, W) reproduce a base trajectory.
+        """
+        if sampler not in SAMPLERS:
+            raise SamplingError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        sampling = self.manifest.sampling
+        if scale is None:
+            scale = float(sampling.get("scale") or 0.0) if self._clf is not None else 0.0
+        if scale and self._clf is None:
+            raise SamplingError(
+                f"guidance scale {scale} needs a classifier: pass --classifier (the build's "
+                f"classifier_grad engine) or use --scale 0"
+            )
+        labels, n = self.resolve_labels(labels, num_samples, seed, first_index)
+        if scale and labels is None:
+            raise SamplingError("classifier guidance needs labels")
+        batch = batch or min(n, self.batch_max)
+        if not 1 <= batch <= self.batch_max:
+            raise SamplingError(f"batch {batch} is outside the engines' range 1..{self.batch_max}")
+        steps = str(steps or sampling.get("respacing") or "250")
+        base_diff = self.base["diffusion"]
+        try:
+            schedule = make_schedule(
+                base_diff["noise_schedule"], base_diff["diffusion_steps"], steps
+            )
+        except ValueError as e:
+            raise SamplingError(f"--steps {steps!r}: {e}") from None
+        size = self.base["image_size"]
+        shape = (3, size, size)
+        if init_noise is not None and init_noise.shape != (n, *shape):
+            raise SamplingError(f"init noise must have shape {(n, *shape)}, got {init_noise.shape}")
+        k_steps = schedule.num_timesteps
+        if step_noise is not None and step_noise.shape != (k_steps, n, *shape):
+            raise SamplingError(
+                f"step noise must have shape (steps, samples, C, H, W) = {(k_steps, n, *shape)}, "
+                f"got {step_noise.shape}"
+            )
+        do_up = upsample and self._up is not None
+        if do_up:
+            up_diff = self.upsampler_info["diffusion"]
+            up_steps = str(upsampler_steps or sampling.get("upsampler_respacing") or steps)
+            up_schedule = make_schedule(
+                up_diff["noise_schedule"], up_diff["diffusion_steps"], up_steps
+            )
+        t_start = time.perf_counter()
+        engine_s0 = sum(t.seconds for t in (self._unet, self._clf, self._up) if t)
+        base_out, up_out, traj = (
+            [],
+            [],
+            {"x": [], "pred_xstart": [], "t": None} if save_trajectory else None,
+        )
+        done = 0
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            idx = range(first_index + lo, first_index + hi)
+            y = None if labels is None else np.ascontiguousarray(labels[lo:hi])
+            rngs = _sample_rngs(seed, idx, _STREAM_BASE)
+            x_T = (
+                init_noise[lo:hi].astype(np.float32)
+                if init_noise is not None
+                else _stacked_normal(rngs, shape)
+            )
+            if step_noise is not None:
+                noise: Any = np.ascontiguousarray(step_noise[:, lo:hi], np.float32)
+            else:
+                noise = lambda k, shp, rngs=rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
+            callback = None
+            if traj is not None:
+                xs, x0s = [], []
+
+                def callback(info, xs=xs, x0s=x0s):
+                    xs.append(info["x"].copy())
+                    x0s.append(info["pred_xstart"].copy())
+
+            base = self._run_stage(
+                "unet", sampler, self._unet_fn(y), x_T, schedule, eta, noise, callback,
+                grad_fn=self._grad_fn(y, scale) if scale else None,
+            )  # fmt: skip
+            base_out.append(base)
+            if traj is not None:
+                traj["x"].append(np.stack(xs))
+                traj["pred_xstart"].append(np.stack(x0s))
+            if do_up:
+                up_rngs = _sample_rngs(seed, idx, _STREAM_UP)
+                up_size = self.upsampler_info["image_size"]
+                up_shape = (3, up_size, up_size)
+                up_noise = lambda k, shp, rngs=up_rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
+                up = self._run_stage(
+                    "upsampler", sampler, self._up_fn(base, y), _stacked_normal(up_rngs, up_shape),
+                    up_schedule, eta, up_noise, None,
+                )  # fmt: skip
+                up_out.append(up)
+            done = hi
+            if progress:
+                progress(done, n)
+        base_x = np.concatenate(base_out)
+        final_x = np.concatenate(up_out) if do_up else base_x
+        total = time.perf_counter() - t_start
+        engine = sum(t.seconds for t in (self._unet, self._clf, self._up) if t) - engine_s0
+        timings = {"total_s": total, "engine_s": engine, "overhead_s": total - engine}
+        trajectory = None
+        if traj is not None:
+            trajectory = {
+                "x": np.concatenate(traj["x"], axis=1),
+                "pred_xstart": np.concatenate(traj["pred_xstart"], axis=1),
+                "t": schedule.timestep_map[::-1].copy(),
+            }
+        return SampleResult(
+            images=to_uint8(final_x),
+            labels=labels,
+            x=final_x,
+            base_images=to_uint8(base_x) if do_up else None,
+            timings=timings,
+            trajectory=trajectory,
+        )
+
+    def _run_stage(
+        self, component, sampler, model_fn, x_T, schedule, eta, noise, callback, grad_fn=None
+    ):
+        info = self.upsampler_info if component == "upsampler" else self.base
+        learn_sigma = info["diffusion"]["learn_sigma"]
+        try:
+            if sampler == "ddim":
+                needs_noise = eta > 0
+                return sample_ddim(
+                    model_fn, x_T, schedule, learn_sigma=learn_sigma, eta=eta, grad_fn=grad_fn,
+                    noise=noise if needs_noise else None, callback=callback,
+                )  # fmt: skip
+            return sample_ddpm(
+                model_fn, x_T, schedule, learn_sigma=learn_sigma, grad_fn=grad_fn,
+                noise=noise, callback=callback,
+            )  # fmt: skip
+        except (NonFiniteError, BackendError) as e:
+            e.args = (f"{component} stage: {e}",)
+            raise
+
+
+def _backend_kind(backend: str | None) -> str | None:
+    return backend if backend in ("onnxruntime", "tensorrt") else None
