@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from export.spec import PRESET_SETS, SpecError
+from runtime.manifest import ManifestError
 
 COMPONENTS = ("unet", "classifier", "upsampler")
 _PREFIX = {"unet": "", "classifier": "classifier-", "upsampler": "upsampler-"}
@@ -66,8 +67,26 @@ def collect_sources(kw: dict, seed: int):
             continue
         if isinstance(spec, str) and spec.endswith(".json") and not Path(spec).is_file():
             raise click.UsageError(f"config file {spec} does not exist")
+        if ckpt is None and isinstance(spec, str):
+            ckpt = shipped_checkpoint(spec)
+        if ckpt is None:
+            click.echo(
+                f"note: no --{p.replace('_', '-')}checkpoint for the {comp}: random weights (seed {seed + COMPONENTS.index(comp)})",
+                err=True,
+            )
         sources[comp] = ComponentSource(spec, ckpt, seed=seed + COMPONENTS.index(comp))
     return sources
+
+
+def shipped_checkpoint(preset: str) -> Path | None:
+    """The weights shipped in the package for a preset (the digits family), if any."""
+    from export.presets import PRESETS
+
+    p = PRESETS.get(preset)
+    if not p or "checkpoint" not in p:
+        return None
+    path = Path(__file__).parent / "weights" / p["checkpoint"]
+    return path if path.is_file() else None
 
 
 def _fail(message: str) -> None:
@@ -165,6 +184,53 @@ def check(build_dir, trajectory, steps, precision):
     except (SpecError, ValueError, RuntimeError) as e:
         _fail(str(e))
     sys.exit(0 if ok else 1)
+
+
+@main.command("build")
+@click.option("--fp32", "precision", flag_value="fp32", help="fp32 graphs / engines")
+@click.option(
+    "--fp16", "precision", flag_value="fp16", default=True, help="fp16 with fp32 islands (default)"
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--workspace-gb", default=4.0, show_default=True, help="TensorRT workspace limit")
+@click.option(
+    "--opt-level", default=3, show_default=True, help="TensorRT builder optimisation level 0-5"
+)
+@click.option(
+    "--trajectory-steps",
+    default="25",
+    show_default=True,
+    help="respacing of the recorded trajectory check ('' to skip)",
+)
+@export_options
+def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **kw):
+    """Export OUT if needed, then build every engine: TensorRT plans, or ONNX Runtime graphs of
+    the same precision where there is no TensorRT or GPU."""
+    from export.build import build
+    from export.exporter import ExportError
+    from export.loading import CheckpointError
+
+    try:
+        sources = collect_sources(kw, kw["seed"])
+        manifest = build(
+            kw["out"], precision=precision, sources=sources or None, backend=backend,
+            batch={"min": kw["batch_min"], "opt": kw["batch_opt"], "max": kw["batch_max"]},
+            workspace_gb=workspace_gb, opt_level=opt_level, trajectory_steps=trajectory_steps or None,
+            check=not kw["no_check"], log=click.echo,
+        )  # fmt: skip
+    except (SpecError, CheckpointError, ExportError, ManifestError) as e:
+        _fail(str(e))
+    engines = [
+        a["file"]
+        for a in manifest["artifacts"]
+        if a["precision"] == precision and a["role"] != "classifier"
+    ]
+    click.echo(f"built {kw['out']} ({precision}): {', '.join(engines)}")
 
 
 if __name__ == "__main__":
