@@ -186,6 +186,33 @@ def check(build_dir, trajectory, steps, precision):
     sys.exit(0 if ok else 1)
 
 
+@main.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+def info(build_dir):
+    """Summarise a build: components, artefacts and the parity figures its manifest records."""
+    from export.parity import ParityRow, format_table
+    from export.trajectory import TrajectoryRow, format_rows
+    from runtime.manifest import Manifest
+
+    try:
+        m = Manifest.load(build_dir)
+    except ManifestError as e:
+        _fail(str(e))
+    for name, c in m.components.items():
+        weights = c["weights"].get("checkpoint") or f"random (seed {c['weights'].get('random_seed')})"
+        click.echo(f"{name:<11} {c['kind']:<10} {c.get('preset') or '-':<24} {c['image_size']}px  classes={c['num_classes']}  weights={weights}")
+    click.echo("")
+    for a in m.artifacts:
+        click.echo(f"{a.file:<30} {a.role:<16} {a.precision:<5} {a.backend:<12} batch {a.batch['min']}..{a.batch['max']}  sha256 {a.sha256[:12]}")
+    parity = m.data.get("parity", {})
+    if parity.get("components"):
+        click.echo("")
+        click.echo(format_table([ParityRow(**r) for r in parity["components"]]))
+    if parity.get("trajectories"):
+        click.echo("")
+        click.echo(format_rows([TrajectoryRow(**r) for r in parity["trajectories"]]))
+
+
 @main.command("build")
 @click.option("--fp32", "precision", flag_value="fp32", help="fp32 graphs / engines")
 @click.option(
@@ -213,6 +240,7 @@ def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **k
     the same precision where there is no TensorRT or GPU."""
     from export.build import build
     from export.exporter import ExportError
+    from export.trt_build import EngineBuildError
     from export.loading import CheckpointError
 
     try:
@@ -223,7 +251,7 @@ def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **k
             workspace_gb=workspace_gb, opt_level=opt_level, trajectory_steps=trajectory_steps or None,
             check=not kw["no_check"], log=click.echo,
         )  # fmt: skip
-    except (SpecError, CheckpointError, ExportError, ManifestError) as e:
+    except (SpecError, CheckpointError, ExportError, ManifestError, EngineBuildError) as e:
         _fail(str(e))
     engines = [
         a["file"]

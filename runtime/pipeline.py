@@ -122,12 +122,14 @@ class Pipeline:
         manifest = Manifest.load(engine or path)
         if "unet" not in manifest.components:
             raise ManifestError(f"the build in {manifest.folder} has no UNet; export one first")
-        if engine is None and Path(path).is_file() and Path(path).name != "manifest.json":
+        if engine is None and not Path(path).is_dir() and Path(path).name != "manifest.json":
             engine = path
+        prefer = _backend_kind(backend) or _preferred_backend()
         unet_art = (
             manifest.artifact_for_file(engine)
             if engine is not None
-            else manifest.artifact("unet", precision, _backend_kind(backend))
+            else manifest.artifact("unet", precision, prefer)
+            or manifest.artifact("unet", precision, _backend_kind(backend))
             or manifest.artifact("unet")
         )
         if unet_art.role != "unet":
@@ -425,6 +427,13 @@ class Pipeline:
         except (NonFiniteError, BackendError) as e:
             e.args = (f"{component} stage: {e}",)
             raise
+
+
+def _preferred_backend() -> str:
+    """TensorRT when its Python package is importable here, else ONNX Runtime."""
+    import importlib.util
+
+    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "onnxruntime"
 
 
 def _backend_kind(backend: str | None) -> str | None:
