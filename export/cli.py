@@ -199,11 +199,17 @@ def info(build_dir):
     except ManifestError as e:
         _fail(str(e))
     for name, c in m.components.items():
-        weights = c["weights"].get("checkpoint") or f"random (seed {c['weights'].get('random_seed')})"
-        click.echo(f"{name:<11} {c['kind']:<10} {c.get('preset') or '-':<24} {c['image_size']}px  classes={c['num_classes']}  weights={weights}")
+        weights = (
+            c["weights"].get("checkpoint") or f"random (seed {c['weights'].get('random_seed')})"
+        )
+        click.echo(
+            f"{name:<11} {c['kind']:<10} {c.get('preset') or '-':<24} {c['image_size']}px  classes={c['num_classes']}  weights={weights}"
+        )
     click.echo("")
     for a in m.artifacts:
-        click.echo(f"{a.file:<30} {a.role:<16} {a.precision:<5} {a.backend:<12} batch {a.batch['min']}..{a.batch['max']}  sha256 {a.sha256[:12]}")
+        click.echo(
+            f"{a.file:<30} {a.role:<16} {a.precision:<5} {a.backend:<12} batch {a.batch['min']}..{a.batch['max']}  sha256 {a.sha256[:12]}"
+        )
     parity = m.data.get("parity", {})
     if parity.get("components"):
         click.echo("")

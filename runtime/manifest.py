@@ -60,6 +60,9 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a manifest is as readable as its graphs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.scale and args.no_classifier:
         raise SamplingError("--scale with --no-classifier: guidance needs the classifier")
     _writable_out(args.out)
+    if args.save_trajectory is not None:
+        _writable_out(args.save_trajectory.parent)
     options = {}
     if args.providers:
         options["providers"] = args.providers.split(",")
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     files = write_outputs(args.out, result, first)
     if args.save_trajectory is not None:
         tr = result.trajectory
+        args.save_trajectory.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(
             args.save_trajectory, _npz_bytes(x=tr["x"], pred_xstart=tr["pred_xstart"], t=tr["t"])
         )

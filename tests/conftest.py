@@ -48,3 +48,49 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared reference folder {SHARED} is absent")
     return SHARED
+
+
+# -- the shared tiny build (tests/builds.py) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete build (UNet, classifier, upsampler; batch 1..16), exported once per session.
+    Read-only by convention: tests that change a build use `build_copy`."""
+    from tests.builds import make_build
+
+    out = tmp_path_factory.mktemp("session-build") / "build"
+    make_build(out)
+    return out
+
+
+@pytest.fixture
+def build_copy(build_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the session build, free to change."""
+    from tests.builds import copy_build
+
+    return copy_build(build_dir, tmp_path / "build")
+
+
+@pytest.fixture(scope="session")
+def unet_only_build(build_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session build's UNet alone, with its manifest (no classifier, no upsampler)."""
+    from tests.builds import subset_build
+
+    return subset_build(build_dir, tmp_path_factory.mktemp("unet-only") / "build", ("unet",))
+
+
+@pytest.fixture(scope="session")
+def reference_models() -> dict:
+    """component -> the PyTorch network it was exported from (rebuilt from spec and seed)."""
+    from tests.builds import reference_model
+
+    return {c: reference_model(c) for c in ("unet", "classifier", "upsampler")}
+
+
+# OpenMP threads that spin while they wait make torch's CPU kernels 10-40x slower whenever another
+# process holds a core (a busy laptop, a shared CI runner); .ci/ sets the same. Set before any test
+# module imports torch, so libgomp reads it when it loads; an explicit setting wins.
+import os  # noqa: E402
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

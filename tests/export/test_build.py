@@ -43,7 +43,9 @@ def _input_types(model: onnx.ModelProto, op: str) -> list[int]:
     return [types.get(n.input[0]) for n in model.graph.node if n.op_type == op]
 
 
-@pytest.mark.parametrize("file", ["unet.fp16.onnx", "classifier_grad.fp16.onnx", "upsampler.fp16.onnx"])
+@pytest.mark.parametrize(
+    "file", ["unet.fp16.onnx", "classifier_grad.fp16.onnx", "upsampler.fp16.onnx"]
+)
 def test_fp16_graph_keeps_fp32_islands(fp16_build, file):
     model = onnx.load(str(fp16_build / file))
     conv_types = _input_types(model, "Conv")
@@ -92,14 +94,18 @@ def test_fp16_unet_close_to_fp32_reference(fp16_build, reference_models):
     import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(fp16_build / "unet.fp16.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(fp16_build / "unet.fp16.onnx"), providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 16, 16), dtype=np.float32)
     t = np.array([3, 900], np.int64)
     y = np.array([1, 7], np.int64)
     (got,) = sess.run(None, {"x": x, "t": t, "y": y})
     with torch.no_grad():
-        want = reference_models["unet"](torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+        want = reference_models["unet"](
+            torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
+        ).numpy()
     err = np.abs(got - want).max()
     assert err < 1e-2 * np.abs(want).max(), err
     assert err > 1e-7, "an fp16 graph that matches fp32 exactly was not converted"
