@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# torch's OpenMP threads spin while idle; on a shared 2-core machine that collapses its speed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import statistics
 import time

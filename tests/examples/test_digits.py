@@ -20,6 +20,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from digits_common import load_digits_split  # noqa: E402
+from guidance_sweep import upsample  # noqa: E402
 
 from export import weights  # noqa: E402
 from export.loading import build_model, load_model  # noqa: E402
@@ -111,15 +112,16 @@ def test_unguided_samples_look_like_digits(family):
 def test_upsampler_beats_bilinear_on_held_out_digits(family, held_out):
     up = family["digits-16-32-upsampler"]
     low, target = held_out.x16[:48].numpy(), held_out.x32[:48].numpy()
-    x_T = np.random.default_rng(3).standard_normal(target.shape, dtype=np.float32)
-    sched = make_schedule("cosine", 1000, "ddim10")
-    out = sample_ddim(model_fn(up, low_res=low), x_T, sched, learn_sigma=False)
+    # The shipped recipe: DDIM (ddim25 grid, eta 0) over the steps t <= 500, from the noised
+    # bilinear upsample (guidance_sweep.upsample); 13 network calls.
+    out = upsample(up, low, seed=3, respacing="ddim25", start_t=500)
     bilinear = F.interpolate(torch.from_numpy(low), size=(32, 32), mode="bilinear").numpy()
 
     def rmse(a):
         return np.sqrt(((_grey(a) - _grey(target)) ** 2).mean(axis=(1, 2)))
 
     ours, bil = rmse(out), rmse(bilinear)
-    assert ours.mean() < 0.8 * bil.mean(), (ours.mean(), bil.mean())
+    assert ours.mean() < 0.6 * bil.mean(), (ours.mean(), bil.mean())
     # Clean on every image, not only on average: no speckled outliers.
     assert ours.max() < bil.max(), (ours.max(), bil.max())
+    assert (ours < bil).mean() >= 0.9
