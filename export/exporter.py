@@ -281,6 +281,10 @@ def make_manifest(
         "upsampler_respacing": models["upsampler"].spec.recommended_respacing
         if "upsampler" in models
         else None,
+        "upsampler_start_t": models["upsampler"].spec.recommended_start_t
+        if "upsampler" in models
+        else None,
+        "grayscale": base.spec.grayscale if base is not None else False,
         "sampler": "ddim",
         "clip_denoised": True,
     }

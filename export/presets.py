@@ -222,6 +222,7 @@ PRESETS.update(
             ),  # fmt: skip
             recommended_scale=4.0,
             recommended_respacing="ddim25",
+            grayscale=True,
         ),
         "digits-16-classifier": dict(
             kind="classifier",
@@ -243,6 +244,7 @@ PRESETS.update(
             ),  # fmt: skip
             recommended_scale=4.0,
             recommended_respacing="ddim25",
+            grayscale=True,
         ),
         "digits-16-32-upsampler": dict(
             kind="superres",
@@ -265,6 +267,8 @@ PRESETS.update(
             ),  # fmt: skip
             recommended_scale=None,
             recommended_respacing="ddim25",
+            grayscale=True,
+            recommended_start_t=500,
         ),
     }
 )

@@ -80,7 +80,9 @@ CONSTRUCTOR_KEYS = {
     "resblock_updown", "use_new_attention_order", "pool", "use_checkpoint",
 }  # fmt: skip
 DIFFUSION_KEYS = {"noise_schedule", "diffusion_steps", "learn_sigma"}
-SPEC_EXTRA_KEYS = {"kind", "recommended_scale", "recommended_respacing", "class"}
+SPEC_EXTRA_KEYS = {
+    "kind", "recommended_scale", "recommended_respacing", "recommended_start_t", "grayscale", "class",
+}  # fmt: skip
 
 
 class SpecError(ValueError):
@@ -100,6 +102,10 @@ class ModelSpec:
     diffusion: dict[str, Any]
     recommended_scale: float | None = None
     recommended_respacing: str = "250"
+    # An upsampler may sample best from its noised bilinear input at this timestep (SDEdit).
+    recommended_start_t: int | None = None
+    # Trained on grey images replicated into the 3 channels: samples are projected back to grey.
+    grayscale: bool = False
     preset: str | None = None
     checkpoint_name: str | None = None
     flags: dict[str, Any] = field(default_factory=dict)
@@ -336,6 +342,8 @@ def spec_from_ctor(d: dict[str, Any], kind: str | None = None) -> ModelSpec:
         diffusion=diffusion,
         recommended_scale=d.get("recommended_scale"),
         recommended_respacing=str(d.get("recommended_respacing", "250")),
+        recommended_start_t=d.get("recommended_start_t"),
+        grayscale=bool(d.get("grayscale", False)),
     )
 
 
@@ -390,6 +398,8 @@ def preset_spec(name: str) -> ModelSpec:
         diffusion=base.diffusion,
         recommended_scale=p.get("recommended_scale"),
         recommended_respacing=p.get("recommended_respacing", "250"),
+        recommended_start_t=p.get("recommended_start_t"),
+        grayscale=bool(p.get("grayscale", False)),
         preset=key,
         checkpoint_name=p.get("checkpoint"),
         flags=base.flags,

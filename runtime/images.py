@@ -68,3 +68,20 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int =
             pad + q * (w + pad) : pad + q * (w + pad) + w,
         ] = images[k]
     return out
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(B, C, h, w) -> (B, C, H, W) float32, bilinear with half-pixel centres and edge clamping:
+    torch's `F.interpolate(mode="bilinear", align_corners=False)`, the upsampler's own path."""
+
+    def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        src = np.maximum(src, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (src - lo).astype(np.float32)
+
+    h0, h1, fh = taps(x.shape[2], size[0])
+    w0, w1, fw = taps(x.shape[3], size[1])
+    rows = x[:, :, h0, :] * (1 - fh)[:, None] + x[:, :, h1, :] * fh[:, None]  # (B, C, H, w)
+    return (rows[..., w0] * (1 - fw) + rows[..., w1] * fw).astype(np.float32)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, open_backend
-from runtime.images import to_uint8
+from runtime.images import resize_bilinear, to_uint8
 from runtime.manifest import Artifact, Manifest, ManifestError
 from runtime.sampling import NonFiniteError, sample_ddim, sample_ddpm
-from runtime.schedule import make_schedule
+from runtime.schedule import make_schedule, truncate
 
 SAMPLERS = ("ddim", "ddpm")
 # Separate generator streams per sample, so adding a stage never shifts another's noise.
@@ -286,6 +286,7 @@ class Pipeline:
         step_noise: np.ndarray | None = None,
         upsample: bool = True,
         upsampler_steps: str | int | None = None,
+        upsampler_start_t: int | None = None,
         save_trajectory: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> SampleResult:
@@ -294,6 +295,8 @@ class Pipeline:
         `labels` (N,) class ids, or `num_samples` with labels drawn per sample; `scale` guidance
         (default: the manifest's, 0 = unguided); `steps` a respacing spec ("ddim25", "25", "250");
         `init_noise` (N, C, H, W) and `step_noise` (K, N, C, H, W) reproduce a base trajectory.
+        `upsampler_start_t` (default: the manifest's; 0 = the whole chain from noise) starts the
+        upsampler at that timestep from its bilinear input noised to that level (SDEdit).
         """
         if sampler not in SAMPLERS:
             raise SamplingError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -331,11 +334,11 @@ class Pipeline:
             )
         do_up = upsample and self._up is not None
         if do_up:
-            up_diff = self.upsampler_info["diffusion"]
-            up_steps = str(upsampler_steps or sampling.get("upsampler_respacing") or steps)
-            up_schedule = make_schedule(
-                up_diff["noise_schedule"], up_diff["diffusion_steps"], up_steps
+            up_schedule, upsampler_start_t = self._upsampler_schedule(
+                upsampler_steps or sampling.get("upsampler_respacing") or steps, upsampler_start_t
             )
+        # A model trained on grey images replicated into RGB: its samples are projected back.
+        grayscale = bool(sampling.get("grayscale"))
         t_start = time.perf_counter()
         engine_s0 = sum(t.seconds for t in (self._unet, self._clf, self._up) if t)
         base_out, up_out, traj = (
@@ -370,20 +373,17 @@ class Pipeline:
                 "unet", sampler, self._unet_fn(y), x_T, schedule, eta, noise, callback,
                 grad_fn=self._grad_fn(y, scale) if scale else None,
             )  # fmt: skip
+            if grayscale:
+                base = _to_grey(base)
             base_out.append(base)
             if traj is not None:
                 traj["x"].append(np.stack(xs))
                 traj["pred_xstart"].append(np.stack(x0s))
             if do_up:
-                up_rngs = _sample_rngs(seed, idx, _STREAM_UP)
-                up_size = self.upsampler_info["image_size"]
-                up_shape = (3, up_size, up_size)
-                up_noise = lambda k, shp, rngs=up_rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
-                up = self._run_stage(
-                    "upsampler", sampler, self._up_fn(base, y), _stacked_normal(up_rngs, up_shape),
-                    up_schedule, eta, up_noise, None,
-                )  # fmt: skip
-                up_out.append(up)
+                up = self._upsample_batch(
+                    base, y, up_schedule, upsampler_start_t, sampler, eta, seed, idx
+                )
+                up_out.append(_to_grey(up) if grayscale else up)
             done = hi
             if progress:
                 progress(done, n)
@@ -408,6 +408,86 @@ class Pipeline:
             trajectory=trajectory,
         )
 
+    def _upsampler_schedule(self, steps, start_t):
+        """The upsampler's respaced schedule, truncated at `start_t` (None: the manifest's)."""
+        up_diff = self.upsampler_info["diffusion"]
+        try:
+            schedule = make_schedule(
+                up_diff["noise_schedule"], up_diff["diffusion_steps"], str(steps)
+            )
+        except ValueError as e:
+            raise SamplingError(f"upsampler steps {steps!r}: {e}") from None
+        if start_t is None:
+            start_t = self.manifest.sampling.get("upsampler_start_t")
+        if start_t:
+            try:
+                schedule = truncate(schedule, int(start_t))
+            except ValueError as e:
+                raise SamplingError(f"upsampler start: {e}") from None
+        return schedule, start_t
+
+    def _upsample_batch(self, low_res, y, schedule, start_t, sampler, eta, seed, idx):
+        rngs = _sample_rngs(seed, idx, _STREAM_UP)
+        size = self.upsampler_info["image_size"]
+        x_T = _stacked_normal(rngs, (3, size, size))
+        if start_t:
+            # SDEdit: start at the last kept step from the bilinear input noised to that level.
+            a = schedule.alphas_cumprod[-1]
+            x_T = (
+                np.sqrt(a) * resize_bilinear(low_res, (size, size)) + np.sqrt(1 - a) * x_T
+            ).astype(np.float32)
+        noise = lambda k, shp, rngs=rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
+        return self._run_stage(
+            "upsampler", sampler, self._up_fn(low_res, y), x_T, schedule, eta, noise, None
+        )
+
+    def upsample(
+        self,
+        low_res: np.ndarray,
+        labels: Sequence[int] | np.ndarray | None = None,
+        *,
+        steps: str | int | None = None,
+        start_t: int | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        first_index: int = 0,
+        batch: int | None = None,
+    ) -> np.ndarray:
+        """The upsampler stage alone: (N, 3, h, w) float32 low-res images in [-1, 1] ->
+        (N, 3, H, W) float32 samples. `start_t` as in `sample`; labels for a class-conditional
+        upsampler."""
+        if self._up is None:
+            raise SamplingError("this pipeline has no upsampler engine")
+        low_res = np.ascontiguousarray(low_res, np.float32)
+        small = self.upsampler_info.get("low_res_size")
+        if (
+            low_res.ndim != 4
+            or low_res.shape[1] != 3
+            or (small and low_res.shape[2:] != (small, small))
+        ):
+            raise SamplingError(f"low_res must be (N, 3, {small}, {small}), got {low_res.shape}")
+        if sampler not in SAMPLERS:
+            raise SamplingError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        wants_y = "y" in self._up.backend.inputs
+        if wants_y and labels is None:
+            raise SamplingError("this upsampler is class-conditional: pass labels")
+        y_all = np.asarray(labels, np.int64) if wants_y else None
+        schedule, start_t = self._upsampler_schedule(
+            steps or self.manifest.sampling.get("upsampler_respacing") or "250", start_t
+        )
+        n = len(low_res)
+        batch = batch or min(n, self.upsampler_artifact.batch["max"])
+        out = []
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            y = None if y_all is None else y_all[lo:hi]
+            idx = range(first_index + lo, first_index + hi)
+            out.append(
+                self._upsample_batch(low_res[lo:hi], y, schedule, start_t, sampler, eta, seed, idx)
+            )
+        return np.concatenate(out)
+
     def _run_stage(
         self, component, sampler, model_fn, x_T, schedule, eta, noise, callback, grad_fn=None
     ):
@@ -427,6 +507,11 @@ class Pipeline:
         except (NonFiniteError, BackendError) as e:
             e.args = (f"{component} stage: {e}",)
             raise
+
+
+def _to_grey(x: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) -> the same shape with every channel set to the channel mean."""
+    return np.repeat(x.mean(axis=1, keepdims=True), x.shape[1], axis=1).astype(np.float32)
 
 
 def _preferred_backend() -> str:

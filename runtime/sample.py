@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", help="respacing: 25, ddim25, 250, '10,5,3' (default: the manifest's)")
     p.add_argument("--upsampler-steps", help="respacing of the upsampler stage")
+    p.add_argument("--upsampler-start-t", type=int,
+                   help="start the upsampler from its noised bilinear input at this timestep "
+                   "(default: the manifest's; 0 = the whole chain from noise)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="class_", type=int, help="one class for every sample")
@@ -165,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
             init_noise=init,
             step_noise=step,
             upsampler_steps=args.upsampler_steps,
+            upsampler_start_t=args.upsampler_start_t,
             save_trajectory=args.save_trajectory is not None,
             progress=progress,
         )

@@ -235,3 +235,18 @@ def make_schedule(
             last_alpha_cumprod = alpha_cumprod
             timestep_map.append(i)
     return Schedule.from_betas(new_betas, timestep_map)
+
+
+def truncate(schedule: Schedule, max_t: int) -> Schedule:
+    """The schedule's first steps, those whose original timestep is <= max_t.
+
+    alphas_cumprod is a running product from step 0, so the kept steps keep their exact tables; a
+    sampler over the result starts at the last kept step (SDEdit's truncated reverse process).
+    """
+    keep = int((schedule.timestep_map <= max_t).sum())
+    if keep < 2:
+        raise ValueError(
+            f"start timestep {max_t} keeps {keep} of the respaced steps "
+            f"{schedule.timestep_map.tolist()[:8]}...: raise it or use more steps"
+        )
+    return Schedule.from_betas(schedule.betas[:keep], schedule.timestep_map[:keep])

@@ -110,3 +110,17 @@ def test_grid_columns_and_scale():
     for k in range(4):
         tile = g[1:7, 1 + k * 10 : 10 + k * 10]
         np.testing.assert_array_equal(tile, np.kron(images[k], np.ones((3, 3, 1), np.uint8)))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (17, 40)])
+def test_resize_bilinear_matches_torch(size):
+    import torch
+    import torch.nn.functional as F
+
+    from runtime.images import resize_bilinear
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = F.interpolate(torch.from_numpy(x), size, mode="bilinear", align_corners=False).numpy()
+    got = resize_bilinear(x, size)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -131,3 +131,22 @@ def test_schedule_is_immutable_and_validates():
         Schedule.from_betas([0.1])
     with pytest.raises(ValueError, match=r"expected \(3,\)"):
         Schedule.from_betas([0.1, 0.2, 0.3], [0, 1])
+
+
+def test_truncate_keeps_the_low_noise_steps_exactly():
+    from runtime.schedule import truncate
+
+    full = make_schedule("cosine", 1000, "ddim25")
+    cut = truncate(full, 500)
+    k = cut.num_timesteps
+    assert (cut.timestep_map <= 500).all() and full.timestep_map[k] > 500
+    np.testing.assert_array_equal(cut.timestep_map, full.timestep_map[:k])
+    for name in (
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "posterior_variance",
+        "posterior_mean_coef1",
+    ):
+        np.testing.assert_allclose(getattr(cut, name), getattr(full, name)[:k], rtol=1e-12)
+    with pytest.raises(ValueError, match="keeps"):
+        truncate(full, 0)
