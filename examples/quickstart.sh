@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/install.sh
 export OMP_WAIT_POLICY=PASSIVE
-BUILD=${BUILD:-build/digits}
-OUT=${OUT:-samples/digits}
+BUILD=${BUILD:-out/digits}
+OUT=${OUT:-out/samples}
 
 # Export (fp32 ONNX + parity check), then build the engines: TensorRT plans where TensorRT and a
 # GPU exist, ONNX Runtime artefacts otherwise.
