@@ -28,7 +28,7 @@ from export.exporter import (
 )
 from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 FP16_ON_CPU_NOTE = (
     "; ONNX Runtime on x86 CPUs runs most fp16 ops as fp32 behind inserted casts, so this "
     "measures fp16 storage rounding of weights and activations, not fp16 arithmetic"
@@ -92,8 +92,13 @@ def build(
     trajectory_steps: str | None = "25",
     check: bool = True,
     log: Callable[[str], None] = print,
+    int8_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export `out` if it has no current export of `sources`, then build every engine there."""
+    """Export `out` if it has no current export of `sources`, then build every engine there.
+
+    int8: Q/DQ graphs calibrated on OUT/calibration/ (recorded first when absent);
+    `int8_options` go to `calibration.int8.int8_graphs` (method, keep, samples, steps).
+    """
     out = Path(out)
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -122,13 +127,15 @@ def build(
             f"no TensorRT here ({tensorrt_available()[1]}): building ONNX Runtime {precision} artefacts instead"
         )
     return _build_engines(
-        manifest, precision, engine_backend, workspace_gb, opt_level, trajectory_steps, log
-    )
+        manifest, precision, engine_backend, workspace_gb, opt_level, trajectory_steps, log,
+        int8_options=int8_options,
+    )  # fmt: skip
 
 
 def _build_engines(
-    manifest, precision, engine_backend, workspace_gb, opt_level, trajectory_steps, log
-):
+    manifest, precision, engine_backend, workspace_gb, opt_level, trajectory_steps, log,
+    int8_options=None,
+):  # fmt: skip
     from export.onnx_export import OPSET, export_onnx
     from export.parity import check_artifact, format_table, tolerance_for
     from export.trt_ops import check_tensorrt_ops
@@ -143,6 +150,13 @@ def _build_engines(
             name: load_component_from_manifest(manifest, name) for name in manifest.components
         }
         new_artifacts, rows = [], []
+        int8 = None
+        if precision == "int8":
+            from calibration.int8 import int8_graphs
+
+            int8 = int8_graphs(manifest, models, staging, log=log, **(int8_options or {}))
+            new_artifacts += int8.entries
+            rows += int8.rows
         for name, model in models.items():
             for role, fp32_file in ROLE_FILES[name]:
                 if role not in ENGINE_ROLES:
@@ -152,6 +166,10 @@ def _build_engines(
                 if precision == "fp32":
                     graph_file = fp32_file
                     graph_path = out / fp32_file
+                elif precision == "int8":
+                    graph_path = int8.graphs.get(role)
+                    if graph_path is None:  # kept in float: the manifest's "int8" section says why
+                        continue
                 else:
                     graph_file = fp32_file.replace(".onnx", f".{precision}.onnx")
                     graph_path = staging / graph_file
@@ -200,7 +218,11 @@ def _build_engines(
                     )
         if rows:
             log(format_table(rows))
+        if int8 is not None:  # a rebuild may quantise fewer graphs than the last one
+            data = int8.without_old_int8(data)
         data = _merged_manifest(data, new_artifacts, rows)
+        if int8 is not None:
+            data["int8"] = int8.summary
         commit_build(out, staging, data)
         if trajectory_steps and precision != "fp32":
             _record_trajectory(out, models, precision, trajectory_steps, log)

@@ -225,6 +225,35 @@ def info(build_dir):
     "--fp16", "precision", flag_value="fp16", default=True, help="fp16 with fp32 islands (default)"
 )
 @click.option(
+    "--int8",
+    "precision",
+    flag_value="int8",
+    help="int8 Q/DQ graphs calibrated on OUT/calibration/ (recorded first if absent)",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(["percentile", "entropy", "minmax"]),
+    default="percentile",
+    show_default=True,
+    help="int8: how activation ranges are set from the calibration set",
+)
+@click.option(
+    "--keep-fp32",
+    multiple=True,
+    metavar="PATTERN",
+    help="int8: also keep these layers in float: a node or weight name pattern ('*middle_block*') "
+    "or a category (first-conv, last-conv, embedding, attention, skip); repeatable",
+)
+@click.option(
+    "--no-default-keep",
+    is_flag=True,
+    help="int8: quantise the sensitive layers kept in float by default too",
+)
+@click.option(
+    "--calib-samples", type=int, help="int8: samples of a new calibration set (default 16)"
+)
+@click.option("--calib-steps", help="int8: respacing of a new calibration set (default ddim25)")
+@click.option(
     "--backend",
     type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
     default="auto",
@@ -241,13 +270,24 @@ def info(build_dir):
     help="respacing of the recorded trajectory check ('' to skip)",
 )
 @export_options
-def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **kw):
+def build_cmd(
+    precision, backend, workspace_gb, opt_level, trajectory_steps, calib_method, keep_fp32,
+    no_default_keep, calib_samples, calib_steps, **kw,
+):  # fmt: skip
     """Export OUT if needed, then build every engine: TensorRT plans, or ONNX Runtime graphs of
     the same precision where there is no TensorRT or GPU."""
+    from calibration.quantize import DEFAULT_KEEP
     from export.build import build
     from export.exporter import ExportError
-    from export.trt_build import EngineBuildError
     from export.loading import CheckpointError
+    from export.trt_build import EngineBuildError
+
+    int8_options = {
+        "method": calib_method,
+        "keep": (() if no_default_keep else DEFAULT_KEEP) + tuple(keep_fp32),
+        "samples": calib_samples,
+        "steps": calib_steps,
+    }
 
     try:
         sources = collect_sources(kw, kw["seed"])
@@ -256,6 +296,7 @@ def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **k
             batch={"min": kw["batch_min"], "opt": kw["batch_opt"], "max": kw["batch_max"]},
             workspace_gb=workspace_gb, opt_level=opt_level, trajectory_steps=trajectory_steps or None,
             check=not kw["no_check"], log=click.echo,
+            int8_options=int8_options if precision == "int8" else None,
         )  # fmt: skip
     except (SpecError, CheckpointError, ExportError, ManifestError, EngineBuildError) as e:
         _fail(str(e))
@@ -265,6 +306,39 @@ def build_cmd(precision, backend, workspace_gb, opt_level, trajectory_steps, **k
         if a["precision"] == precision and a["role"] != "classifier"
     ]
     click.echo(f"built {kw['out']} ({precision}): {', '.join(engines)}")
+
+
+@main.command()
+@click.option(
+    "-o", "--out", required=True, type=click.Path(exists=True, file_okay=False),
+    help="build folder (exported): the set goes to OUT/calibration/",
+)  # fmt: skip
+@click.option("--samples", type=int, help="trajectories to record (default 16, or the set's)")
+@click.option("--steps", help="respacing users sample with (default ddim25, or the set's)")
+@click.option("--upsampler-steps", help="respacing of the upsampler stage (default: --steps)")
+@click.option("--seed", type=int, help="seed of the samples' noise (default 0)")
+@click.option("--scale", type=float, help="guidance scale (default: the manifest's)")
+@click.option("--shard-size", type=int, help="samples per shard and engine call (default 4)")
+@click.option(
+    "--restart", is_flag=True, help="discard the existing set and record anew (default settings)"
+)
+def calibrate(out, samples, steps, upsampler_steps, seed, scale, shard_size, restart):
+    """Record the int8 calibration set: every engine's inputs along real guided trajectories of
+    the build's fp32 pipeline, in resumable shards under OUT/calibration/."""
+    from calibration.dataset import CalibrationError, record_calibration_set
+
+    try:
+        cal = record_calibration_set(
+            out, samples=samples, steps=steps, upsampler_steps=upsampler_steps, seed=seed,
+            scale=scale, shard_size=shard_size, restart=restart, log=click.echo,
+        )  # fmt: skip
+    except (CalibrationError, ManifestError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    calls = ", ".join(f"{r} {cal.calls(r)}" for r in cal.roles)
+    click.echo(
+        f"calibration set {cal.folder}: {cal.samples} samples, steps {cal.config.steps}, "
+        f"{len(cal.shards)} shard(s); engine calls: {calls}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""int8 against fp32 per engine call on ONNX Runtime: `python -m calibration.speed BUILD`.
+
+Both sessions are opened first, warmed up, then called alternately on the same inputs (so drift in
+the machine's load hits both alike); the figure is the median of each one's calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.onnxruntime import OrtBackend
+from runtime.manifest import Manifest
+
+
+def time_graphs(
+    graphs: Mapping[str, str | Path],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    calls: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """{name: median seconds per call} of each graph on `feeds`, calls alternating between them."""
+    backends = {name: OrtBackend(path, threads=threads) for name, path in graphs.items()}
+    try:
+        for b in backends.values():
+            for _ in range(warmup):
+                b(feeds)
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        for _ in range(calls):
+            for name, b in backends.items():
+                t0 = time.perf_counter()
+                b(feeds)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        for b in backends.values():
+            b.close()
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def unet_feeds(manifest: Manifest, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded UNet inputs: x ~ N(0, 1), a mid-schedule timestep, labels if class-conditional."""
+    rng = np.random.default_rng(seed)
+    c = manifest.components["unet"]
+    size = c["image_size"]
+    feeds = {
+        "x": rng.standard_normal((batch, 3, size, size), dtype=np.float32),
+        "t": np.full(batch, c["diffusion"]["diffusion_steps"] // 2, np.int64),
+    }
+    if c.get("num_classes"):
+        feeds["y"] = rng.integers(0, c["num_classes"], batch).astype(np.int64)
+    return feeds
+
+
+def compare_unet(
+    build: str | Path,
+    *,
+    batch: int = 1,
+    calls: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+) -> dict[str, float]:
+    """Median seconds per UNet call of each precision's ONNX Runtime graph in the build."""
+    manifest = Manifest.load(build)
+    graphs = {}
+    for p in precisions:
+        art = manifest.artifact("unet", p, "onnxruntime")
+        if art is None or art.precision != p:
+            raise ValueError(
+                f"{manifest.folder} has no {p} UNet graph for ONNX Runtime: build one with "
+                f"`gdexport build --{p} -o {manifest.folder} --backend onnxruntime`"
+            )
+        graphs[p] = manifest.verify(art)
+    return time_graphs(
+        graphs, unet_feeds(manifest, batch), calls=calls, warmup=warmup, threads=threads
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m calibration.speed", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("build", help="a build folder with fp32 and int8 UNet graphs")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--calls", type=int, default=20, help="timed calls per precision")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    args = p.parse_args(argv)
+    try:
+        got = compare_unet(
+            args.build, batch=args.batch, calls=args.calls, warmup=args.warmup, threads=args.threads
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, s in got.items():
+        print(
+            f"unet {name:<5} batch {args.batch}: {s * 1e3:9.2f} ms per call (median of {args.calls})"
+        )
+    print(f"int8 speed-up over fp32: {got['fp32'] / got['int8']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
