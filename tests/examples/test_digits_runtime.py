@@ -31,7 +31,9 @@ def digits_build(tmp_path_factory) -> Path:
     sources = {
         "unet": ComponentSource("digits-16", weights_path("digits-16")),
         "classifier": ComponentSource("digits-16-classifier", weights_path("digits-16-classifier")),
-        "upsampler": ComponentSource("digits-16-32-upsampler", weights_path("digits-16-32-upsampler")),
+        "upsampler": ComponentSource(
+            "digits-16-32-upsampler", weights_path("digits-16-32-upsampler")
+        ),
     }
     export_build(out, sources, batch_max=64, check=False, log=lambda s: None)
     return out

@@ -161,7 +161,13 @@ def test_tensorrt_build_of_the_small_configuration(build_copy, reference_models,
     from export.trajectory import trajectory_parity
     from runtime.pipeline import Pipeline
 
-    build(build_copy, precision=precision, backend="tensorrt", trajectory_steps=None, log=lambda s: None)
+    build(
+        build_copy,
+        precision=precision,
+        backend="tensorrt",
+        trajectory_steps=None,
+        log=lambda s: None,
+    )
     m = Manifest.load(build_copy)
     plans = {a.role: a for a in m.artifacts if a.backend == "tensorrt" and a.precision == precision}
     assert set(plans) == {"unet", "classifier_grad", "upsampler"}
