@@ -219,6 +219,22 @@ def info(build_dir):
         click.echo(format_rows([TrajectoryRow(**r) for r in parity["trajectories"]]))
 
 
+@main.command("merge-samples")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def merge_samples(out, shards):
+    """Join shards' samples.npz (from `python -m runtime.sample --shard I/N`) into OUT.npz."""
+    from runtime.merge import MergeError, merge_shards
+
+    try:
+        summary = merge_shards(shards, out)
+    except MergeError as e:
+        _fail(str(e))
+    click.echo(
+        f"wrote {summary['file']}: {summary['samples']} samples from {summary['shards']} shards"
+    )
+
+
 @main.command("build")
 @click.option("--fp32", "precision", flag_value="fp32", help="fp32 graphs / engines")
 @click.option(

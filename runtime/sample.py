@@ -177,7 +177,11 @@ def run(args: argparse.Namespace) -> dict:
             engines["classifier"] = pipe.classifier_artifact.file
         if pipe.upsampler_artifact:
             engines["upsampler"] = pipe.upsampler_artifact.file
-    files = write_outputs(args.out, result, first)
+    shard = None
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        shard = {"shard": np.array([i, n], np.int64), "seed": np.array(args.seed, np.int64)}
+    files = write_outputs(args.out, result, first, shard)
     if args.save_trajectory is not None:
         tr = result.trajectory
         args.save_trajectory.parent.mkdir(parents=True, exist_ok=True)
@@ -194,13 +198,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def write_outputs(out: Path, result, first: int = 0) -> list[str]:
-    """samples.npz, grid.png, one PNG per sample (and base_grid.png in a cascade)."""
+def write_outputs(out: Path, result, first: int = 0, shard: dict | None = None) -> list[str]:
+    """samples.npz, grid.png, one PNG per sample (and base_grid.png in a cascade).
+
+    A shard's samples.npz also holds `shard` ([I, N]), `seed` and `indices` (the global sample
+    indices), which `gdexport merge-samples` checks; the evaluator reads only arr_0 / arr_1."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
     arrays = {"arr_0": result.images}
     if result.labels is not None:
         arrays["arr_1"] = result.labels
+    if shard is not None:
+        arrays.update(shard, indices=np.arange(first, first + len(result.images), dtype=np.int64))
     _write_atomic(out / "samples.npz", _npz_bytes(**arrays))
     files.append(str(out / "samples.npz"))
     scale = max(1, 128 // result.images.shape[1])

@@ -223,3 +223,30 @@ def test_trajectory_path_under_a_file(capsys, tmp_path, build_dir):
     err = _run_error(capsys, tmp_path, build_dir, "--classes", "1", "--steps", "ddim2",
                      "--no-upsampler", "--save-trajectory", traj)  # fmt: skip
     assert f"{tmp_path / 'file'} is a file" in err
+
+
+def test_four_shards_merge_into_the_unsharded_run(capsys, tmp_path, build_dir):
+    from click.testing import CliRunner
+
+    from export.cli import main as gdexport
+
+    common = ["--engine", build_dir, "--num-samples", "7", "--scale", "2", "--steps", "ddim3",
+              "--no-upsampler", "--seed", "11"]  # fmt: skip
+    rc, _, err = sample_cli(capsys, *common, "--out", tmp_path / "whole")
+    assert rc == 0, err
+    for i in range(4):
+        rc, _, err = sample_cli(capsys, *common, "--shard", f"{i}/4", "--out", tmp_path / f"s{i}")
+        assert rc == 0, err
+    shards = [str(tmp_path / f"s{i}" / "samples.npz") for i in (2, 0, 3, 1)]  # any order
+    runner = CliRunner()
+    res = runner.invoke(gdexport, ["merge-samples", str(tmp_path / "merged.npz"), *shards])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "merged.npz") as m, np.load(tmp_path / "whole" / "samples.npz") as w:
+        np.testing.assert_array_equal(m["arr_0"], w["arr_0"])
+        np.testing.assert_array_equal(m["arr_1"], w["arr_1"])
+    # A missing or duplicated shard is refused and nothing is written.
+    res = runner.invoke(gdexport, ["merge-samples", str(tmp_path / "bad.npz"), *shards[:3]])
+    assert res.exit_code == 2 and "missing shard" in res.output
+    res = runner.invoke(gdexport, ["merge-samples", str(tmp_path / "bad.npz"), *shards, shards[0]])
+    assert res.exit_code == 2 and "twice" in res.output
+    assert not (tmp_path / "bad.npz").exists()
