@@ -23,10 +23,9 @@ corrupt one is recorded again (sample j's noise depends only on (seed, j), so it
 
 from __future__ import annotations
 
-import os
+import io
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.manifest import Manifest, sha256_of, write_json_atomic
+from runtime.manifest import Manifest, sha256_of, write_bytes_atomic, write_json_atomic
 from runtime.schedule import make_schedule
 
 CALIBRATION_DIR = "calibration"
@@ -105,16 +104,9 @@ def calibration_dir(build: str | Path) -> Path:
 
 
 def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 @dataclass

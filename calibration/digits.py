@@ -19,25 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.weights.judge import diversity, grey
 from runtime.pipeline import Pipeline
-
-
-def grey(images: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W), the channel mean."""
-    return np.asarray(images, np.float64).mean(axis=1)
-
-
-def diversity(images: np.ndarray, classes: np.ndarray) -> float:
-    """Mean over classes (with >= 2 members) of the mean pairwise L2 distance within the class."""
-    flat = grey(images).reshape(len(images), -1)
-    per_class = []
-    for c in np.unique(classes):
-        members = flat[classes == c]
-        if len(members) < 2:
-            continue
-        d = np.sqrt(((members[:, None] - members[None]) ** 2).sum(-1))
-        per_class.append(d[np.triu_indices(len(members), 1)].mean())
-    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 def judge_int8(

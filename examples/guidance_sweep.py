@@ -35,7 +35,7 @@ from digits_common import ASSETS, grey, load_digits_split, save_grid  # noqa: E4
 from export import weights  # noqa: E402
 from export.loading import load_model  # noqa: E402
 from export.reference import grad_fn, model_fn  # noqa: E402
-from export.weights.judge import Judge  # noqa: E402
+from export.weights.judge import Judge, diversity  # noqa: E402
 from runtime.sampling import sample_ddim  # noqa: E402
 from runtime.schedule import Schedule, make_schedule  # noqa: E402
 
@@ -107,19 +107,6 @@ def bilinear(low_res: np.ndarray, size: int = 32) -> np.ndarray:
 def rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N,) per-image RMSE between grey images (channel means) in [-1, 1]."""
     return np.sqrt(((grey(a) - grey(b)) ** 2).mean(axis=(1, 2)))
-
-
-def diversity(images: np.ndarray, classes: np.ndarray) -> float:
-    """Mean over classes (with >= 2 members) of the mean pairwise L2 distance within the class."""
-    flat = grey(images).reshape(len(images), -1).astype(np.float64)
-    per_class = []
-    for c in np.unique(classes):
-        members = flat[classes == c]
-        if len(members) < 2:
-            continue
-        d = np.sqrt(((members[:, None] - members[None]) ** 2).sum(-1))
-        per_class.append(d[np.triu_indices(len(members), 1)].mean())
-    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 def by_label_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10) -> np.ndarray:

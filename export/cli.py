@@ -80,13 +80,12 @@ def collect_sources(kw: dict, seed: int):
 
 def shipped_checkpoint(preset: str) -> Path | None:
     """The weights shipped in the package for a preset (the digits family), if any."""
-    from export.presets import PRESETS
+    from export import weights
 
-    p = PRESETS.get(preset)
-    if not p or "checkpoint" not in p:
+    try:
+        return weights.path(preset)
+    except (KeyError, FileNotFoundError):
         return None
-    path = Path(__file__).parent / "weights" / p["checkpoint"]
-    return path if path.is_file() else None
 
 
 def _fail(message: str) -> None:

@@ -12,8 +12,6 @@ checks every API name used on them against tests/data/trt_api_names.txt.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 from runtime.backends import BackendError
 from runtime.backends.tensorrt import gpu_identity, import_tensorrt
-from runtime.manifest import TensorSpec
+from runtime.manifest import TensorSpec, write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Builder flags a weakly typed network needs to run a graph of each precision in it.
@@ -112,20 +110,6 @@ def profile_shapes(
                 tuple(b if d == "batch" else d for d in spec.shape) for b in sizes
             )
     return shapes
-
-
-def write_bytes_atomic(path: Path, data) -> None:
-    """Write bytes (or a buffer such as TensorRT's IHostMemory) beside `path`, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def engine_from_onnx(

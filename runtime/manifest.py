@@ -50,23 +50,28 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside `path`, fsync, then rename over it."""
+def write_bytes_atomic(path: str | Path, data) -> None:
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a temporary file beside `path`,
+    fsync, then rename over it, with the permissions a plain file would get (mkstemp's are 0600)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a manifest is as readable as its graphs
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 @dataclass

@@ -8,11 +8,12 @@ unsharded run with the same seed (sample j's noise and label depend only on (see
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from runtime.manifest import write_bytes_atomic
 
 
 class MergeError(ValueError):
@@ -62,7 +63,5 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> dict:
     out = Path(out)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    write_bytes_atomic(out, buf.getvalue())
     return {"file": str(out), "samples": int(len(arrays["arr_0"])), "shards": total}

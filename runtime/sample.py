@@ -18,7 +18,7 @@ import numpy as np
 
 from runtime.backends import BackendError
 from runtime.images import grid, png_bytes
-from runtime.manifest import ManifestError
+from runtime.manifest import ManifestError, write_bytes_atomic
 from runtime.pipeline import Pipeline, SamplingError
 from runtime.sampling import NonFiniteError
 
@@ -95,12 +95,6 @@ def _writable_out(out: Path) -> None:
         raise SamplingError(f"cannot write to output folder {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SamplingError(f"cannot write to output folder {out}: {probe} is not writable")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -185,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.save_trajectory is not None:
         tr = result.trajectory
         args.save_trajectory.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        write_bytes_atomic(
             args.save_trajectory, _npz_bytes(x=tr["x"], pred_xstart=tr["pred_xstart"], t=tr["t"])
         )
         files.append(str(args.save_trajectory))
@@ -210,19 +204,19 @@ def write_outputs(out: Path, result, first: int = 0, shard: dict | None = None) 
         arrays["arr_1"] = result.labels
     if shard is not None:
         arrays.update(shard, indices=np.arange(first, first + len(result.images), dtype=np.int64))
-    _write_atomic(out / "samples.npz", _npz_bytes(**arrays))
+    write_bytes_atomic(out / "samples.npz", _npz_bytes(**arrays))
     files.append(str(out / "samples.npz"))
     scale = max(1, 128 // result.images.shape[1])
-    _write_atomic(out / "grid.png", png_bytes(grid(result.images, scale=scale)))
+    write_bytes_atomic(out / "grid.png", png_bytes(grid(result.images, scale=scale)))
     files.append(str(out / "grid.png"))
     if result.base_images is not None:
         bscale = max(1, 128 // result.base_images.shape[1])
-        _write_atomic(out / "base_grid.png", png_bytes(grid(result.base_images, scale=bscale)))
+        write_bytes_atomic(out / "base_grid.png", png_bytes(grid(result.base_images, scale=bscale)))
         files.append(str(out / "base_grid.png"))
     for j, img in enumerate(result.images):
         label = "" if result.labels is None else f"_class{int(result.labels[j])}"
         name = out / f"sample_{first + j:06d}{label}.png"
-        _write_atomic(name, png_bytes(img))
+        write_bytes_atomic(name, png_bytes(img))
     files.append(str(out / "sample_*.png"))
     return files
 
