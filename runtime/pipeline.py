@@ -26,6 +26,11 @@ from runtime.sampling import NonFiniteError, sample_ddim, sample_ddpm
 from runtime.schedule import make_schedule, truncate
 
 SAMPLERS = ("ddim", "ddpm")
+_NEAREST_PRECISIONS = {
+    "int8": ("int8", "fp16", "fp32"),
+    "fp16": ("fp16", "fp32"),
+    "fp32": ("fp32", "fp16"),
+}
 # Separate generator streams per sample, so adding a stage never shifts another's noise.
 _STREAM_BASE, _STREAM_LABEL, _STREAM_UP = 0, 1, 2
 
@@ -143,11 +148,13 @@ class Pipeline:
                 if art.role != role:
                     raise ManifestError(f"{art.file} is a {art.role} engine, not a {role}")
                 return art
-            return (
-                manifest.artifact(role, unet_art.precision, unet_art.backend)
-                or manifest.artifact(role, None, unet_art.backend)
-                or manifest.artifact(role)
-            )
+            # The UNet's precision first, else the nearest one (an int8 build whose gradient
+            # did not hold up quantised falls back to fp16 before fp32).
+            for prec in _NEAREST_PRECISIONS.get(unet_art.precision, (unet_art.precision,)):
+                art = manifest.artifact(role, prec, unet_art.backend)
+                if art is not None:
+                    return art
+            return manifest.artifact(role, None, unet_art.backend) or manifest.artifact(role)
 
         clf_art = pick("classifier_grad", classifier)
         up_art = pick("upsampler", upsampler)

@@ -244,3 +244,26 @@ def test_engine_paths_outside_the_build_or_of_another_role_are_refused(build_dir
         Pipeline.from_manifest(build_dir / "classifier.onnx")
     with pytest.raises(ManifestError, match=r"unet\.onnx is a unet engine, not a upsampler"):
         Pipeline.from_manifest(build_dir, upsampler=build_dir / "unet.onnx")
+
+
+def test_gradient_engine_falls_back_to_the_nearest_precision(build_copy):
+    """An int8 build whose gradient stayed unquantised uses the fp16 gradient before the fp32."""
+    import json
+    import shutil
+
+    from runtime.manifest import sha256_of
+
+    path = build_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    arts = {a["file"]: a for a in data["artifacts"]}
+    for src, dst, prec in [("unet.onnx", "unet.int8.onnx", "int8"),
+                           ("classifier_grad.onnx", "classifier_grad.fp16.onnx", "fp16")]:  # fmt: skip
+        shutil.copy(build_copy / src, build_copy / dst)
+        data["artifacts"].append({**arts[src], "file": dst, "precision": prec,
+                                  "sha256": sha256_of(build_copy / dst)})  # fmt: skip
+    path.write_text(json.dumps(data))
+    with Pipeline.from_manifest(build_copy, precision="int8", upsampler=False) as pipe:
+        assert pipe.unet_artifact.file == "unet.int8.onnx"
+        assert pipe.classifier_artifact.file == "classifier_grad.fp16.onnx"
+    with Pipeline.from_manifest(build_copy, precision="fp32", upsampler=False) as pipe:
+        assert pipe.classifier_artifact.file == "classifier_grad.onnx"
