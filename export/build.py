@@ -216,6 +216,8 @@ def _build_engines(
                             log,
                         )
                     )
+        if engine_backend == "onnxruntime":
+            new_artifacts = _with_ort_optimized(out, staging, data, new_artifacts, precision, log)
         if rows:
             log(format_table(rows))
         if int8 is not None:  # a rebuild may quantise fewer graphs than the last one
@@ -229,6 +231,44 @@ def _build_engines(
         return Manifest.load(out).data
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _with_ort_optimized(out, staging, data, new_artifacts, precision, log) -> list[dict]:
+    """Save ONNX Runtime's optimised graph beside each engine of this precision, recorded as the
+    artefact's `ort_optimized` (level "extended": fusions that hold on any CPU; the runtime loads
+    it when its onnxruntime version matches). Graphs with external data are left as they are."""
+    import onnxruntime as ort
+
+    from runtime.manifest import sha256_of
+
+    engines = [a for a in new_artifacts if a["backend"] == "onnxruntime"]
+    if precision == "fp32":
+        engines += [
+            dict(a) for a in data["artifacts"]
+            if a["precision"] == "fp32" and a["backend"] == "onnxruntime" and a["role"] in ENGINE_ROLES
+        ]  # fmt: skip
+    updated = {}
+    for a in engines:
+        if a["role"] not in ENGINE_ROLES or "external_data" in a:
+            continue
+        src = staging / a["file"] if (staging / a["file"]).exists() else out / a["file"]
+        opt_file = a["file"].replace(".onnx", ".ortopt.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(staging / opt_file)
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
+        a = dict(a)
+        a["ort_optimized"] = {
+            "file": opt_file,
+            "sha256": sha256_of(staging / opt_file),
+            "level": "extended",
+            "onnxruntime": ort.__version__,
+        }
+        updated[a["file"]] = a
+        log(f"saved ONNX Runtime's optimised graph {opt_file}")
+    kept = [a for a in new_artifacts if a["file"] not in updated]
+    return kept + list(updated.values())
 
 
 def _half_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -165,8 +165,15 @@ class Pipeline:
 
             def open_(art: Artifact) -> tuple[Artifact, Backend]:
                 path = manifest.verify(art)
-                b = open_backend(path, backend if art.backend == "onnxruntime" and backend != "tensorrt" else art.backend,
-                                 batch=art.batch, **(backend_options or {}))  # fmt: skip
+                name = (
+                    backend
+                    if art.backend == "onnxruntime" and backend != "tensorrt"
+                    else art.backend
+                )
+                options = dict(backend_options or {})
+                if art.extra.get("ort_optimized") and (name or art.backend) == "onnxruntime":
+                    options.setdefault("ort_optimized", art.extra["ort_optimized"])
+                b = open_backend(path, name, batch=art.batch, **options)
                 opened.append(b)
                 return art, b
 

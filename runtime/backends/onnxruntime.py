@@ -55,7 +55,9 @@ class OrtBackend:
 
     `providers`: names like "CPUExecutionProvider", "CUDAExecutionProvider",
     "TensorrtExecutionProvider" (default CPU only); `threads`: intra-op threads (default: physical
-    cores); `optimized_path`: where ORT saves the optimised graph (kept for the next start).
+    cores); `optimized_path`: where ORT saves the optimised graph (kept for the next start);
+    `ort_optimized`: a manifest's record of the graph ORT optimised at build time, used when this
+    onnxruntime is the version that saved it and its sha256 matches.
     """
 
     def __init__(
@@ -66,11 +68,19 @@ class OrtBackend:
         threads: int | None = None,
         optimized_path: str | Path | None = None,
         batch: Mapping[str, int] | None = None,
+        ort_optimized: Mapping[str, str] | None = None,
     ):
         ort = _import_ort()
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"engine {path} does not exist")
+        if ort_optimized and ort_optimized.get("onnxruntime") == ort.__version__:
+            # The build saved ORT's optimised graph: start from it (checked like the graph itself).
+            from runtime.manifest import sha256_of
+
+            opt = path.with_name(ort_optimized["file"])
+            if opt.is_file() and sha256_of(opt) == ort_optimized["sha256"]:
+                path = opt
         providers = list(providers or ["CPUExecutionProvider"])
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]

@@ -179,3 +179,42 @@ def test_tensorrt_build_of_the_small_configuration(build_copy, reference_models,
         rows = trajectory_parity(pipe, reference_models, steps="10")
     bound = 1e-3 if precision == "fp32" else 0.5
     assert all(r.final_max_abs <= bound for r in rows), [r.to_json() for r in rows]
+
+
+def test_fp32_build_saves_ort_optimised_graphs_the_runtime_uses(build_copy):
+    from runtime.backends.onnxruntime import OrtBackend
+    from runtime.manifest import sha256_of
+
+    build(
+        build_copy,
+        precision="fp32",
+        backend="onnxruntime",
+        trajectory_steps=None,
+        log=lambda s: None,
+    )
+    m = Manifest.load(build_copy)
+    engines = [a for a in m.artifacts if a.role != "classifier"]
+    assert {a.role for a in engines} == {"unet", "classifier_grad", "upsampler"}
+    rng = np.random.default_rng(0)
+    for a in engines:
+        opt = a.extra["ort_optimized"]
+        assert sha256_of(build_copy / opt["file"]) == opt["sha256"]
+        feeds = {
+            "x": rng.standard_normal((2, 3, *a.inputs[0].shape[2:]), dtype=np.float32),
+            "t": np.array([5, 900], np.int64),
+        }
+        for spec in a.inputs[2:]:
+            if spec.name == "y":
+                feeds["y"] = np.array([1, 2], np.int64)
+            elif spec.name == "scale":
+                feeds["scale"] = np.array(2.0, np.float32)
+            else:
+                feeds[spec.name] = rng.standard_normal((2, *spec.shape[1:]), dtype=np.float32)
+        with OrtBackend(m.verify(a)) as plain, OrtBackend(m.verify(a), ort_optimized=opt) as fast:
+            assert fast.path.name == opt["file"] and plain.path.name == a.file
+            np.testing.assert_allclose(
+                next(iter(fast(feeds).values())), next(iter(plain(feeds).values())), atol=1e-5
+            )
+        # Another onnxruntime version: the saved graph is not trusted, the original is used.
+        with OrtBackend(m.verify(a), ort_optimized={**opt, "onnxruntime": "0.0"}) as other:
+            assert other.path.name == a.file
