@@ -27,7 +27,7 @@ import torch
 
 from export import reference
 from export.exporter import load_component_from_manifest
-from export.parity import parity_inputs
+from export.parity import parity_inputs, reference_output
 from runtime.backends.onnxruntime import OrtBackend, physical_cores
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
@@ -98,7 +98,7 @@ def per_call(
             continue
         model = models[COMPONENT_OF[role]]
         feeds = parity_inputs(role, model, batch, seed=0)
-        impls = {"pytorch-eager": lambda f=feeds, m=model, r=role: _ref_call(r, m, f)}
+        impls = {"pytorch-eager": lambda f=feeds, m=model, r=role: reference_output(r, m, f)}
         backends = []
         for a in arts:
             b = OrtBackend(manifest.verify(a), batch=a.batch)
@@ -126,13 +126,6 @@ def per_call(
         for b in backends:
             b.close()
     return rows
-
-
-@torch.no_grad()
-def _ref_call(role, model, feeds):
-    from export.parity import reference_output
-
-    return reference_output(role, model, feeds)
 
 
 def whole_sample(

@@ -292,30 +292,7 @@ def _trt_engine(graph_path, staging, out, role, precision, batch, workspace_gb, 
         graph_path, staging / plan_file, batch=batch, inputs=inputs, precision=precision,
         timing_cache=out / "timing.cache", workspace_gb=workspace_gb, opt_level=opt_level, log=log,
     )  # fmt: skip
-    return artifact_entry_plan(staging / plan_file, role, precision, batch, graph_path, **extra)
-
-
-def artifact_entry_plan(
-    plan_path: Path, role, precision, batch, graph_path: Path, **extra
-) -> dict[str, Any]:
-    from export.exporter import graph_io
-    from runtime.manifest import sha256_of
-
-    inputs, outputs = graph_io(graph_path)
-    return {
-        "file": plan_path.name,
-        "role": role,
-        "precision": precision,
-        "backend": "tensorrt",
-        "format": "plan",
-        "sha256": sha256_of(plan_path),
-        "bytes": plan_path.stat().st_size,
-        "inputs": [t.to_json() for t in inputs],
-        "outputs": [t.to_json() for t in outputs],
-        "batch": batch,
-        "source_graph": graph_path.name,
-        **extra,
-    }
+    return artifact_entry(staging, plan_file, role, precision, batch, graph=graph_path, **extra)
 
 
 def _merged_manifest(data: dict[str, Any], new_artifacts: list[dict], rows: list) -> dict[str, Any]:

@@ -137,17 +137,26 @@ def check_writable(out: Path) -> None:
 
 
 def artifact_entry(
-    staging: Path, file: str, role: str, precision: str, batch: dict[str, int], **extra
+    staging: Path,
+    file: str,
+    role: str,
+    precision: str,
+    batch: dict[str, int],
+    *,
+    graph: Path | None = None,
+    **extra,
 ) -> dict[str, Any]:
+    """The manifest entry of `staging/file`: an ONNX graph, or a TensorRT plan built from
+    `graph` (whose inputs and outputs the plan has)."""
     path = staging / file
-    inputs, outputs = graph_io(path)
+    inputs, outputs = graph_io(graph or path)
     data = path.with_name(file + ".data")
     entry = {
         "file": file,
         "role": role,
         "precision": precision,
-        "backend": "onnxruntime",
-        "format": "onnx",
+        "backend": "tensorrt" if graph is not None else "onnxruntime",
+        "format": "plan" if graph is not None else "onnx",
         "sha256": sha256_of(path),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         "inputs": [t.to_json() for t in inputs],
@@ -156,6 +165,8 @@ def artifact_entry(
     }
     if data.exists():
         entry["external_data"] = {"file": data.name, "sha256": sha256_of(data)}
+    if graph is not None:
+        entry["source_graph"] = graph.name
     entry.update(extra)
     return entry
 
