@@ -234,6 +234,79 @@ def merge_samples(out, shards):
     )
 
 
+@main.command("triton")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o", "--out", required=True, type=click.Path(file_okay=False), help="repository folder"
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="UNet engine precision (default: the lowest built)",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["tensorrt", "onnxruntime"]),
+    help="engines of this backend (default: TensorRT plans if built)",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "gpu", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="where engine models run (auto: GPU for plans, CPU for ONNX graphs)",
+)
+@click.option(
+    "--instances",
+    default=1,
+    show_default=True,
+    help="instances of each engine model (per GPU with KIND_GPU)",
+)
+@click.option(
+    "--sampler-instances",
+    default=8,
+    show_default=True,
+    help="requests the server samples concurrently",
+)
+@click.option(
+    "--queue-delay-us",
+    default=2000,
+    show_default=True,
+    help="dynamic batcher: how long a step call waits for others to join it",
+)
+@click.option(
+    "--max-samples", default=64, show_default=True, help="most samples one request may ask for"
+)
+@click.option("--force", is_flag=True, help="replace an existing OUT")
+def triton_cmd(
+    build_dir,
+    out,
+    precision,
+    backend,
+    kind,
+    instances,
+    sampler_instances,
+    queue_delay_us,
+    max_samples,
+    force,
+):
+    """A Triton Inference Server model repository from BUILD_DIR: one model per engine and
+    `gd_sampler`, the guided loop in the server (Python backend, BLS calls to the engines)."""
+    from export.triton import TritonRepoError, make_repository
+
+    try:
+        arts = make_repository(
+            build_dir, out, precision=precision, backend=backend, kind=kind,
+            instances=instances, sampler_instances=sampler_instances,
+            queue_delay_us=queue_delay_us, max_samples=max_samples, force=force,
+        )  # fmt: skip
+    except (TritonRepoError, ManifestError) as e:
+        _fail(str(e))
+    for role, art in arts.items():
+        click.echo(f"gd_{role}: {art.file} ({art.precision}, {art.backend})")
+    click.echo(f"wrote {out}; serve it with `tritonserver --model-repository {out}`")
+
+
 @main.command("build")
 @click.option("--fp32", "precision", flag_value="fp32", help="fp32 graphs / engines")
 @click.option(

@@ -69,14 +69,18 @@ def selected_log_prob_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def classifier_gradient(classifier: EncoderUNetModel) -> Callable:
-    """(x, t, y, scale) -> scale * d log p(y|x_t) / d x_t, through torch.autograd (the reference)."""
+    """(x, t, y, scale) -> scale * d log p(y|x_t) / d x_t, through torch.autograd (the reference).
+
+    `scale` is one per sample, (B,) (a scalar broadcasts too): Triton batches only inputs that
+    carry the batch dimension, and per-sample scales let requests of different scales share a call.
+    """
 
     def grad(x, t, y, scale):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             total = selected_log_prob_sum(classifier(x, t), y)
             (g,) = torch.autograd.grad(total, x)
-        return g * scale
+        return g * scale.reshape(-1, *([1] * (g.dim() - 1)))  # (B, 1, 1, 1)
 
     return grad
 
@@ -150,7 +154,7 @@ def classifier_grad_graph(classifier: EncoderUNetModel, batch: int = 2) -> nn.Mo
     x = torch.randn(b, classifier.in_channels, size, size, dtype=dtype)
     t = torch.arange(b, dtype=torch.int64)
     y = torch.arange(b, dtype=torch.int64) % classifier.out_channels
-    scale = torch.tensor(1.0)
+    scale = torch.ones(b)
     gm = make_fx(
         classifier_gradient(classifier),
         tracing_mode="symbolic",
@@ -177,7 +181,7 @@ def example_inputs(kind: str, model: nn.Module, batch: int) -> dict[str, torch.T
     if kind == "classifier_grad" or (kind in ("unet", "superres") and n_classes is not None):
         feeds["y"] = torch.arange(b, dtype=torch.int64) % n_classes
     if kind == "classifier_grad":
-        feeds["scale"] = torch.tensor(1.0)
+        feeds["scale"] = torch.ones(b)
     return feeds
 
 
@@ -209,7 +213,7 @@ def export_onnx(
         raise ValueError(f"unknown component kind {kind!r}")
     output = {"classifier": "logits", "classifier_grad": "grad"}.get(kind, "out")
     batch = torch.export.Dim("batch", min=1, max=batch_max)
-    dynamic = {name: ({0: batch} if name != "scale" else None) for name in feeds}
+    dynamic = {name: {0: batch} for name in feeds}
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > EXTERNAL_DATA_BYTES
     with _quiet():

@@ -64,7 +64,7 @@ def parity_inputs(role: str, model: nn.Module, batch: int, seed: int) -> dict[st
     if classes is not None and role != "classifier":
         feeds["y"] = rng.integers(0, classes, batch).astype(np.int64)
     if role == "classifier_grad":
-        feeds["scale"] = np.array(rng.uniform(0.5, 4.0), np.float32)
+        feeds["scale"] = rng.uniform(0.5, 4.0, batch).astype(np.float32)
     return feeds
 
 

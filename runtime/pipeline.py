@@ -231,7 +231,10 @@ class Pipeline:
         return call
 
     def _grad_fn(self, y: np.ndarray, scale: float) -> Callable:
-        feeds = {"y": y, "scale": np.asarray(scale, np.float32)}
+        # Graphs exported since the Triton work take one scale per sample; older ones a scalar.
+        per_sample = len(self._clf.backend.inputs["scale"].shape) == 1
+        s = np.full(len(y), scale, np.float32) if per_sample else np.asarray(scale, np.float32)
+        feeds = {"y": y, "scale": s}
 
         def call(x, t):
             feeds["x"], feeds["t"] = x, t

@@ -207,7 +207,7 @@ def test_fp32_build_saves_ort_optimised_graphs_the_runtime_uses(build_copy):
             if spec.name == "y":
                 feeds["y"] = np.array([1, 2], np.int64)
             elif spec.name == "scale":
-                feeds["scale"] = np.array(2.0, np.float32)
+                feeds["scale"] = np.full(2, 2.0, np.float32)
             else:
                 feeds[spec.name] = rng.standard_normal((2, *spec.shape[1:]), dtype=np.float32)
         with OrtBackend(m.verify(a)) as plain, OrtBackend(m.verify(a), ort_optimized=opt) as fast:

@@ -113,14 +113,14 @@ def _autograd_gradient(classifier, x, t, y, scale) -> np.ndarray:
         log_probs = torch.log_softmax(classifier(x, _t(t)), dim=-1)
         chosen = log_probs[torch.arange(len(y)), _t(y)].sum()
         (grad,) = torch.autograd.grad(chosen, x)
-    return (grad * scale).numpy()
+    return (grad * torch.as_tensor(scale).reshape(-1, 1, 1, 1)).numpy()
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
 def test_classifier_gradient_matches_autograd(build_dir, reference_models, batch):
     clf = reference_models["classifier"]
     feeds = _inputs(batch, 16, seed=200 + batch)
-    feeds["scale"] = np.array(2.5, np.float32)
+    feeds["scale"] = np.full(batch, 2.5, np.float32)
     got = _run(build_dir / "classifier_grad.onnx", feeds)
     want = _autograd_gradient(clf, feeds["x"], feeds["t"], feeds["y"], 2.5)
     assert got.shape == want.shape == (batch, 3, 16, 16)
@@ -135,10 +135,14 @@ def test_classifier_gradient_matches_autograd(build_dir, reference_models, batch
 def test_classifier_gradient_is_linear_in_scale_and_per_sample(build_dir):
     feeds = _inputs(4, 16, seed=9)
     with OrtBackend(build_dir / "classifier_grad.onnx") as grad:
-        g1 = grad({**feeds, "scale": np.array(1.0, np.float32)})["grad"]
-        g3 = grad({**feeds, "scale": np.array(3.0, np.float32)})["grad"]
-        one = grad({k: v[2:3] for k, v in feeds.items()} | {"scale": np.array(1.0, np.float32)})
+        g1 = grad({**feeds, "scale": np.ones(4, np.float32)})["grad"]
+        g3 = grad({**feeds, "scale": np.full(4, 3.0, np.float32)})["grad"]
+        mixed = grad({**feeds, "scale": np.array([0, 1, 2, -0.5], np.float32)})["grad"]
+        one = grad({k: v[2:3] for k, v in feeds.items()} | {"scale": np.ones(1, np.float32)})
     np.testing.assert_allclose(g3, 3 * g1, rtol=1e-5, atol=1e-9)
+    # One scale per sample: requests of different scales can share an engine call.
+    want = g1 * np.array([0, 1, 2, -0.5], np.float32)[:, None, None, None]
+    np.testing.assert_allclose(mixed, want, rtol=1e-5, atol=1e-9)
     # Each sample's gradient depends on that sample only (the batch does not mix).
     np.testing.assert_allclose(one["grad"][0], g1[2], rtol=0, atol=1e-6 * np.abs(g1).max())
 

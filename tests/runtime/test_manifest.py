@@ -66,12 +66,12 @@ def test_io_matches_the_onnx_graphs(build_dir, manifest):
             for r, t in zip(recorded, actual):
                 assert r["dtype"] == t["dtype"], (a["file"], r)
                 assert r["shape"] == t["shape"], (a["file"], r, t["dims"])
-        # Every tensor is batched along a symbolic first axis, except the scalar scale.
+        # Every tensor is batched along a symbolic first axis, the guidance scale included (one
+        # per sample, so Triton can batch the gradient engine).
         for t in inputs + outputs:
+            assert t["shape"][0] == "batch" and isinstance(t["dims"][0], str), t
             if t["name"] == "scale":
-                assert t["shape"] == [] and t["dtype"] == "float32"
-            else:
-                assert t["shape"][0] == "batch" and isinstance(t["dims"][0], str), t
+                assert t["shape"] == ["batch"] and t["dtype"] == "float32"
 
 
 def test_io_names_shapes_and_dtypes_per_role(manifest):
@@ -88,7 +88,7 @@ def test_io_names_shapes_and_dtypes_per_role(manifest):
             [("out", "float32", ["batch", 6, size, size])],
         ),
         "classifier_grad": (
-            [*xty, ("scale", "float32", [])],
+            [*xty, ("scale", "float32", ["batch"])],
             [("grad", "float32", img(size))],
         ),
         "classifier": (
