@@ -121,12 +121,35 @@ def _avg_pool2d_input_grad(
     return up / (k[0] * k[1])
 
 
+def _row_sum(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum over `dim` (keepdim) as a product with a ones vector. ONNX Runtime's ReduceSum over a
+    short last axis (65 attention tokens, 1000 classes) sums in an order set by each row's memory
+    alignment, so a sample's gradient would change with its position in a batch, and a server
+    that merges requests would not reproduce the in-process images; MatMul sums in a fixed order."""
+    moved = v.movedim(dim, -1)  # (..., K)
+    ones = torch.ones(moved.shape[-1], 1, dtype=v.dtype, device=v.device)
+    return (moved @ ones).movedim(-1, dim)  # (..., 1) back in place
+
+
+def _softmax_input_grad(grad_output, output, dim, input_dtype):
+    """_softmax_backward_data: y * (g - sum(g * y)), the sum in a batch-invariant order."""
+    gy = grad_output * output
+    return (gy - output * _row_sum(gy, dim)).to(input_dtype)
+
+
+def _log_softmax_input_grad(grad_output, output, dim, input_dtype):
+    """_log_softmax_backward_data: g - exp(y) * sum(g), the sum in a batch-invariant order."""
+    return (grad_output - torch.exp(output) * _row_sum(grad_output, dim)).to(input_dtype)
+
+
 def gradient_decompositions() -> dict:
     from torch._decomp import core_aten_decompositions
 
     table = dict(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_input_grad
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_input_grad
+    table[aten._softmax_backward_data.default] = _softmax_input_grad
+    table[aten._log_softmax_backward_data.default] = _log_softmax_input_grad
     return table
 
 

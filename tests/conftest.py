@@ -26,10 +26,20 @@ def _tensorrt_available() -> bool:
     return True
 
 
+def _triton_available() -> bool:
+    """The serving venv with nvidia-pytriton's bundled tritonserver (examples/install_triton.sh)."""
+    root = Path(__file__).resolve().parents[1]
+    venv = root / ".venv-triton"
+    return (venv / "bin" / "python").is_file() and any(
+        venv.glob("lib/python3.*/site-packages/pytriton/tritonserver/bin/tritonserver")
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     checks = {
         "gpu": (_cuda_available, "needs a CUDA GPU (torch.cuda.is_available() is False)"),
         "trt": (_tensorrt_available, "needs TensorRT (`import tensorrt` failed)"),
+        "triton": (_triton_available, "needs .venv-triton: run `bash examples/install_triton.sh`"),
     }
     available: dict[str, bool] = {}
     for item in items:
