@@ -53,22 +53,28 @@ def int8_graphs(
     keep: Iterable[str] = DEFAULT_KEEP,
     samples: int | None = None,
     steps: str | None = None,
+    reduce_range: bool = False,
     log: Callable[[str], None] = print,
 ) -> Int8Graphs:
     """Quantise every engine graph of `manifest` into `staging` (`ROLE.int8.onnx`).
 
     Uses BUILD/calibration/, recording or completing it first (`samples`, `steps`: settings for
-    a new set; None = the existing set's or the defaults). Raises ExportError on failure.
+    a new set; None = the existing set's or the defaults). `reduce_range`: 7-bit weights, for
+    graphs ONNX Runtime will run on x86 CPUs (see `quantize_graph`). Raises ExportError on failure.
     """
     from export.exporter import ExportError
 
     try:
-        return _int8_graphs(manifest, models, staging, method, list(keep), samples, steps, log)
+        return _int8_graphs(
+            manifest, models, staging, method, list(keep), samples, steps, reduce_range, log
+        )
     except (CalibrationError, QuantizeError) as e:
         raise ExportError(str(e)) from e
 
 
-def _int8_graphs(manifest, models, staging, method, keep, samples, steps, log) -> Int8Graphs:
+def _int8_graphs(
+    manifest, models, staging, method, keep, samples, steps, reduce_range, log
+) -> Int8Graphs:
     from export.exporter import artifact_entry
     from export.onnx_export import OPSET
     from export.parity import check_artifact
@@ -112,8 +118,9 @@ def _int8_graphs(manifest, models, staging, method, keep, samples, steps, log) -
         file = fp32.file.replace(".onnx", ".int8.onnx")
         path = staging / file
         q = quantize_graph(
-            manifest.verify(fp32), path, calib, role, method=method, keep=keep, log=log
-        )
+            manifest.verify(fp32), path, calib, role, method=method, keep=keep,
+            reduce_range=reduce_range, log=log,
+        )  # fmt: skip
         err = compare_graphs(manifest.path_of(fp32), path, calib.feeds(role))
         log(format_error(file, err) + f"; kept in float: {describe_exclusions(q.excluded)}")
         if role == "classifier_grad":

@@ -128,6 +128,66 @@ def per_call(
     return rows
 
 
+def ort_sweep(manifest: Manifest, models: dict, batch: int, repeats: int) -> list[dict]:
+    """The fp32 UNet under ONNX Runtime session settings, against the runtime's own (OrtBackend):
+    which settings matter on this machine. Alternating call by call, like `per_call`."""
+    import onnxruntime as ort
+
+    art = manifest.artifact("unet", "fp32", "onnxruntime")
+    path = str(manifest.verify(art))
+    feeds = parity_inputs("unet", models["unet"], batch, seed=0)
+    level = ort.GraphOptimizationLevel
+    variants = {
+        "runtime default (all opts, N threads)": {},
+        "graph opts: extended (no NCHWc layout)": {"level": level.ORT_ENABLE_EXTENDED},
+        "graph opts: basic": {"level": level.ORT_ENABLE_BASIC},
+        "1 intra-op thread": {"threads": 1},
+        "no thread spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
+        "no CPU memory arena": {"arena": False},
+        "I/O binding, preallocated output": {"io_binding": True},
+    }
+    runs = {}
+    for name, v in variants.items():
+        if not v:
+            b = OrtBackend(path, batch=art.batch)
+            fb = {k: x for k, x in feeds.items() if k in b.inputs}
+            runs[name] = lambda b=b, fb=fb: b(fb)
+            continue
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = v.get("level", level.ORT_ENABLE_ALL)
+        opts.intra_op_num_threads = v.get("threads", physical_cores())
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = v.get("arena", True)
+        for k, val in v.get("config", {}).items():
+            opts.add_session_config_entry(k, val)
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        fb = {i.name: feeds[i.name] for i in sess.get_inputs()}
+        if v.get("io_binding"):
+            binding = sess.io_binding()
+            for k, x in fb.items():
+                binding.bind_cpu_input(k, x)
+            out_shape = (batch, *[d for d in sess.get_outputs()[0].shape[1:]])
+            out = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, "cpu")
+            binding.bind_ortvalue_output(sess.get_outputs()[0].name, out)
+            runs[name] = lambda s=sess, bd=binding: s.run_with_iobinding(bd)
+        else:
+            runs[name] = lambda s=sess, fb=fb: s.run(None, fb)
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["runtime default (all opts, N threads)"])
+    return [
+        {"variant": k, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+         "vs_runtime_default": base / statistics.median(ts)}
+        for k, ts in times.items()
+    ]  # fmt: skip
+
+
 def whole_sample(
     build: Path, manifest: Manifest, models: dict, batch: int, steps: str, repeats: int
 ) -> list[dict]:
@@ -208,6 +268,10 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path)
     ap.add_argument(
+        "--ort-sweep", action="store_true",
+        help="also time the fp32 UNet under other ONNX Runtime session settings",
+    )  # fmt: skip
+    ap.add_argument(
         "--clock-ghz", type=float, help="core clock for the peak (default: /proc/cpuinfo)"
     )
     args = ap.parse_args()
@@ -220,6 +284,7 @@ def main() -> None:
     samples = whole_sample(
         args.build, manifest, models, args.batch, args.steps, args.sample_repeats
     )
+    sweep = ort_sweep(manifest, models, args.batch, args.repeats) if args.ort_sweep else []
     print(
         f"machine: {platform.processor() or platform.machine()}, {cores} cores; fp32 peak {peak:.0f} GFLOP/s = {peak_why}"
     )
@@ -244,11 +309,17 @@ def main() -> None:
         print(
             f"  {r['impl']:<14} {r['median_s']:>8.3f} s  ({r['speedup_vs_ref']:.2f}x vs ref)  loop overhead {ov}"
         )
+    if sweep:
+        print("\nONNX Runtime settings, fp32 UNet call (ratio > 1: faster than the runtime's):")
+        for r in sweep:
+            print(
+                f"  {r['variant']:<40} {r['median_s'] * 1e3:>8.1f} ms  {r['vs_runtime_default']:.3f}x"
+            )
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"cores": cores, "peak_gflops_fp32": peak, "peak_formula": peak_why,
                         "cpu": platform.processor(), "omp": os.environ.get("OMP_NUM_THREADS")},
-            "per_call": calls, "whole_sample": samples,
+            "per_call": calls, "whole_sample": samples, "ort_sweep": sweep,
         }, indent=1))  # fmt: skip
 
 

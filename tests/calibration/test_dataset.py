@@ -59,7 +59,8 @@ def test_recorded_inputs_are_what_the_pipeline_fed(calib_build):
         # the classifier sees the same x_t, t and y as the UNet at every step
         for key in ("x", "t", "y"):
             np.testing.assert_array_equal(clf[key], unet[key])
-        np.testing.assert_array_equal(clf["scale"], np.full(5, manifest["sampling"]["scale"]))
+        # one guidance scale per sample and call (5 calls of 2 samples)
+        np.testing.assert_array_equal(clf["scale"], np.full((5, 2), manifest["sampling"]["scale"]))
         # the upsampler starts from its own stream's noise, conditioned on the base samples
         up_T = np.stack(
             [

@@ -7,6 +7,7 @@ not by the data-flow rules the quantiser uses.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,10 +113,12 @@ def test_weights_dequantize_to_the_fp32_weights(int8_build, file):
         name = n.input[0].removesuffix("_quantized")
         want = ref.array(name).astype(np.float64)
         got = w * scale.reshape(-1, *[1] * (w.ndim - 1))
-        # symmetric per-channel: scale = max|w_c| / 127, error at most half a step
+        # symmetric per-channel over 7 bits (for ONNX Runtime's x86 kernels): ONNX Runtime maps
+        # [-max|w_c|, max|w_c|] onto [-64, 64], so scale = max|w_c| / 64; error at most half a step
         np.testing.assert_allclose(
-            scale, np.abs(want).reshape(len(want), -1).max(1) / 127, rtol=1e-5
+            scale, np.abs(want).reshape(len(want), -1).max(1) / 64, rtol=1e-5
         )
+        assert np.abs(w).max() <= 64
         assert (np.abs(got - want) <= scale.reshape(-1, *[1] * (w.ndim - 1)) / 2 + 1e-7).all()
         checked += 1
     assert checked >= 5
@@ -184,3 +187,12 @@ def test_int8_unet_close_to_fp32_but_not_equal(int8_build, calib_build):
         ref2 += (want**2).sum()
     rel = np.sqrt(err2 / ref2)
     assert 1e-3 < rel < 0.2, rel
+
+
+def test_onnxruntime_int8_graphs_record_their_7_bit_weights(int8_build):
+    build, _ = int8_build
+    data = json.loads((build / "manifest.json").read_text())
+    arts = [
+        a for a in data["artifacts"] if a["precision"] == "int8" and a["backend"] == "onnxruntime"
+    ]
+    assert arts and all(a["quantization"]["reduce_range"] is True for a in arts)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -176,3 +177,20 @@ def test_check_refuses_a_changed_file(build_copy):
 def test_check_refuses_a_folder_without_manifest(tmp_path):
     result = gdexport("check", tmp_path)
     _assert_error(result, f"no manifest.json in {tmp_path}")
+
+
+def test_trajectory_check_fails_an_engine_that_is_slightly_off(build_dir, reference_models):
+    """The pass mark is on the final sample: a UNet engine whose eps is off by 1e-3 (a tenth of
+    the fp16 tolerance per call) must fail the fp32 trajectory check."""
+    from export.trajectory import trajectory_parity
+    from runtime.pipeline import Pipeline
+
+    with Pipeline.from_manifest(build_dir, backend="onnxruntime") as pipe:
+        rows = trajectory_parity(pipe, reference_models, steps="5", cases=("ddim", "ddpm"))
+        assert all(r.passed for r in rows), [r.to_json() for r in rows]
+        engine = pipe._unet.backend
+        pipe._unet.backend = lambda feeds: {"out": engine(feeds)["out"] + np.float32(1e-3)}
+        pipe._unet.backend.inputs = engine.inputs  # type: ignore[attr-defined]
+        rows = trajectory_parity(pipe, reference_models, steps="5", cases=("ddim", "ddpm"))
+        pipe._unet.backend = engine
+    assert not any(r.passed for r in rows), [r.to_json() for r in rows]
