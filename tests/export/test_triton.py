@@ -322,3 +322,28 @@ def test_a_samples_output_does_not_depend_on_its_batch(build_dir, role):
         for lo, hi in ((0, 1), (1, 2), (3, 6), (2, 7), (5, 6)):
             part = engine({k: v[lo:hi] for k, v in feeds.items()})[out]
             np.testing.assert_array_equal(part, whole[lo:hi], err_msg=f"{role} [{lo}:{hi}]")
+
+
+def test_a_unet_only_build_serves_by_sample_count(unet_only_build, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    arts = make_repository(unet_only_build, repo)
+    assert set(arts) == {"unet"} and not (repo / "gd_classifier_grad").exists()
+    pb = _fake_pb_utils(_Server(repo))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    from runtime.triton import TritonPythonModel
+
+    config = (repo / "gd_sampler" / "config.pbtxt").read_text()
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', config))
+    model = TritonPythonModel()
+    model.initialize({
+        "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+        "model_repository": str(repo / "gd_sampler"), "model_version": "1",
+    })  # fmt: skip
+    (r,) = model.execute([_request(pb, num_samples=2, steps=3, seed=4)])
+    assert not r.has_error(), r.error().message()
+    with Pipeline.from_manifest(unet_only_build, backend="onnxruntime") as pipe:
+        want = pipe.sample(num_samples=2, steps="ddim3", seed=4)
+    np.testing.assert_array_equal(r.tensors["images"].as_numpy(), want.images)
+    # no classifier: a guidance scale is refused with the reason
+    (bad,) = model.execute([_request(pb, num_samples=1, scale=2.0)])
+    assert bad.has_error() and "needs a classifier" in bad.error().message()
