@@ -27,7 +27,7 @@ import torch
 
 from export import reference
 from export.exporter import load_component_from_manifest
-from export.parity import parity_inputs, reference_output
+from export.parity import fit_feeds, parity_inputs, reference_output
 from runtime.backends.onnxruntime import OrtBackend, physical_cores
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
@@ -98,12 +98,14 @@ def per_call(
             continue
         model = models[COMPONENT_OF[role]]
         feeds = parity_inputs(role, model, batch, seed=0)
+        if "scale" in feeds:  # one scale for the batch: graphs exported before per-sample scales
+            feeds["scale"] = np.full_like(feeds["scale"], feeds["scale"][0])
         impls = {"pytorch-eager": lambda f=feeds, m=model, r=role: reference_output(r, m, f)}
         backends = []
         for a in arts:
             b = OrtBackend(manifest.verify(a), batch=a.batch)
             backends.append(b)
-            fb = {k: v for k, v in feeds.items() if k in b.inputs}
+            fb = fit_feeds(feeds, b.inputs)
             impls[f"ort-{a.precision}"] = lambda b=b, fb=fb: b(fb)
         for fn in impls.values():
             for _ in range(warmup):

@@ -54,7 +54,8 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.batched = int(config.get("max_batch_size", 0)) > 0
         graph = config["parameters"]["onnx_file"]["string_value"]
-        self.engine = OrtBackend(folder / graph, batch={"min": 1, "max": 1 << 30})
+        # Several server processes share the cores: spinning worker threads would starve them.
+        self.engine = OrtBackend(folder / graph, batch={"min": 1, "max": 1 << 30}, spin=False)
         self.outputs = [o["name"] for o in config["output"]]
 
     def _feed(self, name, arrays):

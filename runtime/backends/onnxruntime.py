@@ -55,7 +55,8 @@ class OrtBackend:
 
     `providers`: names like "CPUExecutionProvider", "CUDAExecutionProvider",
     "TensorrtExecutionProvider" (default CPU only); `threads`: intra-op threads (default: physical
-    cores); `optimized_path`: where ORT saves the optimised graph (kept for the next start);
+    cores); `spin`: let idle worker threads spin between calls (ORT's default; turn off where
+    several processes share the cores); `optimized_path`: where ORT saves the optimised graph (kept for the next start);
     `ort_optimized`: a manifest's record of the graph ORT optimised at build time, used when this
     onnxruntime is the version that saved it and its sha256 matches.
     """
@@ -69,6 +70,7 @@ class OrtBackend:
         optimized_path: str | Path | None = None,
         batch: Mapping[str, int] | None = None,
         ort_optimized: Mapping[str, str] | None = None,
+        spin: bool = True,
     ):
         ort = _import_ort()
         path = Path(path)
@@ -95,6 +97,10 @@ class OrtBackend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        if not spin:
+            # Idle worker threads sleep instead of spinning: for processes sharing cores with
+            # others (a server's model instances), at a small cost per call.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if optimized_path is not None:
             opts.optimized_model_filepath = str(optimized_path)
         try:
