@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import statistics
 import sys
 import threading
@@ -166,7 +167,8 @@ def load_test(url: str, clients: int, requests: int, labels_per_request: list[in
         "wall_s": wall,
         "requests_per_s": len(lat) / wall,
         "latency_median_s": statistics.median(lat) if lat else None,
-        "latency_p90_s": lat[int(0.9 * (len(lat) - 1))] if lat else None,
+        # nearest rank: the smallest latency at least 90% of requests did not exceed
+        "latency_p90_s": lat[max(0, math.ceil(0.9 * len(lat)) - 1)] if lat else None,
     }
 
 
