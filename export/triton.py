@@ -220,6 +220,14 @@ def make_repository(
     if out.exists() and not force:
         raise TritonRepoError(f"{out} exists; pass --force to replace it, or choose another -o")
     arts = pick_artifacts(manifest, precision, backend)
+    for art in arts.values():
+        scalars = [s.name for s in art.inputs if len(s.shape) == 0]
+        if scalars:
+            raise TritonRepoError(
+                f"{art.file} takes {', '.join(scalars)} as one scalar per call (exported before "
+                f"gdexport took one guidance scale per sample); Triton serves no scalar inputs. "
+                f"Export and build again: `gdexport build -o NEW_DIR ...` with the same sources"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -135,6 +135,19 @@ def test_bad_builds_leave_nothing_behind(build_copy, tmp_path):
         make_repository(build_copy, out)
 
 
+def test_a_gradient_graph_with_one_scale_per_call_is_refused(build_copy, tmp_path):
+    """Builds exported before per-sample scales: Triton rejects scalar inputs, so say so."""
+    data = json.loads((build_copy / "manifest.json").read_text())
+    for a in data["artifacts"]:
+        for t in a["inputs"]:
+            if t["name"] == "scale":
+                t["shape"] = []
+    write_json_atomic(build_copy / "manifest.json", data)
+    with pytest.raises(TritonRepoError, match="scale as one scalar per call.*Export and build"):
+        make_repository(build_copy, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
 def test_cli(build_dir, tmp_path):
     r = CliRunner().invoke(main, ["triton", str(build_dir), "-o", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
