@@ -2,7 +2,7 @@
 the session build through examples/triton_cpu.py: concurrent requests give the in-process runtime's
 images, bit for bit; the engines' dynamic batchers merge the step calls of concurrent requests; bad
 requests get clear errors while the server keeps serving; a killed server gives the client a clear
-error. About a minute on two CPU cores.
+error. About two minutes on two CPU cores.
 """
 
 from __future__ import annotations
