@@ -26,6 +26,8 @@ from pathlib import Path
 
 import runtime
 from runtime.manifest import Artifact, Manifest, ManifestError, TensorSpec
+from runtime.pipeline import NEAREST_PRECISIONS
+from runtime.triton import batchable
 
 ROLES = ("unet", "classifier_grad", "upsampler")
 MODEL_NAMES = {role: f"gd_{role}" for role in ROLES} | {"sampler": "gd_sampler"}
@@ -74,10 +76,9 @@ def pick_artifacts(
             f"{backend or 'any'} (it has: {', '.join(have) or 'none'}); pass --precision/--backend "
             f"from that list, or run `gdexport build -o {manifest.folder} --fp16` first"
         )
-    nearest = {"int8": ("int8", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "fp32": ("fp32", "fp16")}
     chosen = {"unet": unet}
     for role in ("classifier_grad", "upsampler"):
-        for p in nearest[unet.precision]:
+        for p in NEAREST_PRECISIONS[unet.precision]:
             if (a := manifest.artifact(role, p, unet.backend)) is not None:
                 chosen[role] = a
                 break
@@ -102,12 +103,6 @@ def _tensor_block(spec: TensorSpec, batched: bool) -> str:
         f'  {{ name: "{spec.name}" data_type: {TRITON_DTYPES[spec.dtype]} '
         f"dims: [ {', '.join(map(str, dims))} ]{reshape} }}"
     )
-
-
-def batchable(art: Artifact) -> bool:
-    """Triton batches a model only when every input and output has the batch dimension first; the
-    classifier gradient's `scale` is one scalar per call, so that engine runs unbatched."""
-    return all(s.shape[:1] == ("batch",) for s in (*art.inputs, *art.outputs))
 
 
 def engine_config(

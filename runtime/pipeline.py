@@ -26,7 +26,7 @@ from runtime.sampling import NonFiniteError, sample_ddim, sample_ddpm
 from runtime.schedule import make_schedule, truncate
 
 SAMPLERS = ("ddim", "ddpm")
-_NEAREST_PRECISIONS = {
+NEAREST_PRECISIONS = {
     "int8": ("int8", "fp16", "fp32"),
     "fp16": ("fp16", "fp32"),
     "fp32": ("fp32", "fp16"),
@@ -150,7 +150,7 @@ class Pipeline:
                 return art
             # The UNet's precision first, else the nearest one (an int8 build whose gradient
             # did not hold up quantised falls back to fp16 before fp32).
-            for prec in _NEAREST_PRECISIONS.get(unet_art.precision, (unet_art.precision,)):
+            for prec in NEAREST_PRECISIONS.get(unet_art.precision, (unet_art.precision,)):
                 art = manifest.artifact(role, prec, unet_art.backend)
                 if art is not None:
                     return art

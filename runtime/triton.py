@@ -31,6 +31,11 @@ from runtime.pipeline import Pipeline, SamplingError
 ROLES = ("unet", "classifier_grad", "upsampler")
 
 
+def batchable(artifact: Artifact) -> bool:
+    """Triton batches a model only when every input and output has the batch dimension first."""
+    return all(s.shape[:1] == ("batch",) for s in (*artifact.inputs, *artifact.outputs))
+
+
 class BlsBackend:
     """A Backend whose engine is another model of the same Triton server, called through BLS.
 
@@ -111,8 +116,7 @@ class TritonPythonModel:
                 engines[role] = None
                 continue
             art = manifest.artifact_for_file(file)
-            batched = all(s.shape[:1] == ("batch",) for s in (*art.inputs, *art.outputs))
-            engines[role] = (art, BlsBackend(params[f"{role}_model"], art, batched))
+            engines[role] = (art, BlsBackend(params[f"{role}_model"], art, batchable(art)))
         self.pipeline = Pipeline(
             manifest, engines["unet"], engines["classifier_grad"], engines["upsampler"]
         )

@@ -246,8 +246,8 @@ def _request(pb, **values):
     }
 
 
-@pytest.fixture
-def sampler_model(repo, monkeypatch):
+def _open_sampler(repo: Path, monkeypatch):
+    """gd_sampler of `repo` initialised as Triton would, over stand-in BLS calls."""
     server = _Server(repo)
     pb = _fake_pb_utils(server)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
@@ -265,6 +265,12 @@ def sampler_model(repo, monkeypatch):
             "model_version": "1",
         }
     )
+    return model, pb, server
+
+
+@pytest.fixture
+def sampler_model(repo, monkeypatch):
+    model, pb, server = _open_sampler(repo, monkeypatch)
     yield model, pb, server
     model.finalize()
 
@@ -341,17 +347,7 @@ def test_a_unet_only_build_serves_by_sample_count(unet_only_build, tmp_path, mon
     repo = tmp_path / "repo"
     arts = make_repository(unet_only_build, repo)
     assert set(arts) == {"unet"} and not (repo / "gd_classifier_grad").exists()
-    pb = _fake_pb_utils(_Server(repo))
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    from runtime.triton import TritonPythonModel
-
-    config = (repo / "gd_sampler" / "config.pbtxt").read_text()
-    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', config))
-    model = TritonPythonModel()
-    model.initialize({
-        "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
-        "model_repository": str(repo / "gd_sampler"), "model_version": "1",
-    })  # fmt: skip
+    model, pb, _ = _open_sampler(repo, monkeypatch)
     (r,) = model.execute([_request(pb, num_samples=2, steps=3, seed=4)])
     assert not r.has_error(), r.error().message()
     with Pipeline.from_manifest(unet_only_build, backend="onnxruntime") as pipe:
