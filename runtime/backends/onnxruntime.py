@@ -56,7 +56,8 @@ class OrtBackend:
     `providers`: names like "CPUExecutionProvider", "CUDAExecutionProvider",
     "TensorrtExecutionProvider" (default CPU only); `threads`: intra-op threads (default: physical
     cores); `spin`: let idle worker threads spin between calls (ORT's default; turn off where
-    several processes share the cores); `optimized_path`: where ORT saves the optimised graph (kept for the next start);
+    several processes share the cores); `optimized_path`: where ORT saves the optimised graph
+    (kept for the next start);
     `ort_optimized`: a manifest's record of the graph ORT optimised at build time, used when this
     onnxruntime is the version that saved it and its sha256 matches.
     """
