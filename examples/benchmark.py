@@ -98,8 +98,6 @@ def per_call(
             continue
         model = models[COMPONENT_OF[role]]
         feeds = parity_inputs(role, model, batch, seed=0)
-        if "scale" in feeds:  # one scale for the batch: graphs exported before per-sample scales
-            feeds["scale"] = np.full_like(feeds["scale"], feeds["scale"][0])
         impls = {"pytorch-eager": lambda f=feeds, m=model, r=role: reference_output(r, m, f)}
         backends = []
         for a in arts:

@@ -52,42 +52,30 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.batched = int(config.get("max_batch_size", 0)) > 0
         graph = config["parameters"]["onnx_file"]["string_value"]
         # Several server processes share the cores: spinning worker threads would starve them.
         self.engine = OrtBackend(folder / graph, batch={"min": 1, "max": 1 << 30}, spin=False)
         self.outputs = [o["name"] for o in config["output"]]
 
     def _feed(self, name, arrays):
-        rank = len(self.engine.inputs[name].shape)
-        if self.batched:
-            a = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            return a.reshape(a.shape[0]) if rank == 1 else a
-        return arrays[0].reshape(()) if rank == 0 else arrays[0]
+        """The requests' tensors as one batch, as the native backend would: [B, 1] -> [B]."""
+        a = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        return a.reshape(a.shape[0]) if len(self.engine.inputs[name].shape) == 1 else a
 
     def execute(self, requests):
-        if not self.batched:
-            return [self._run([r]) for r in requests]
         try:
-            return self._run(requests, split=True)
+            return self._run(requests)
         except Exception as e:
             err = pb_utils.TritonError(f"{type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
 
-    def _run(self, requests, split=False):
+    def _run(self, requests):
         ins = {
             name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
             for name in self.engine.inputs
         }
         sizes = [len(a) for a in next(iter(ins.values()))]
-        try:
-            out = self.engine({n: self._feed(n, arrays) for n, arrays in ins.items()})
-        except Exception as e:
-            if split:
-                raise
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
-        if not split:
-            return pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+        out = self.engine({n: self._feed(n, arrays) for n, arrays in ins.items()})
         bounds = np.cumsum([0, *sizes])
         return [
             pb_utils.InferenceResponse(

@@ -27,7 +27,6 @@ from pathlib import Path
 import runtime
 from runtime.manifest import Artifact, Manifest, ManifestError, TensorSpec
 from runtime.pipeline import NEAREST_PRECISIONS
-from runtime.triton import batchable
 
 ROLES = ("unet", "classifier_grad", "upsampler")
 MODEL_NAMES = {role: f"gd_{role}" for role in ROLES} | {"sampler": "gd_sampler"}
@@ -85,23 +84,22 @@ def pick_artifacts(
     return chosen
 
 
-def _dims(spec: TensorSpec, batched: bool) -> tuple[list[int], bool]:
-    """Triton dims of one tensor (without the batch dimension when batched) and whether the model
-    sees a scalar per batch item (or a plain scalar): Triton has no rank-0 dims, so those travel as
-    [1] and are reshaped to [] for the engine."""
-    shape = list(spec.shape[1:] if batched else spec.shape)
-    dims = [-1 if isinstance(s, str) else int(s) for s in shape]
-    return (dims, False) if dims else ([1], True)
+def batchable(artifact: Artifact) -> bool:
+    """Triton batches a model only when every input and output has the batch dimension first."""
+    return all(s.shape[:1] == ("batch",) for s in (*artifact.inputs, *artifact.outputs))
 
 
-def _tensor_block(spec: TensorSpec, batched: bool) -> str:
-    dims, scalar = _dims(spec, batched)
+def _tensor_block(spec: TensorSpec) -> str:
+    """One tensor of a batched model, without its batch dimension. Triton has no rank-0 dims: a
+    scalar per sample travels as [1] and is reshaped to [] for the engine."""
+    dims = [-1 if isinstance(s, str) else int(s) for s in spec.shape[1:]]
+    scalar = not dims
     if spec.dtype not in TRITON_DTYPES:
         raise TritonRepoError(f"tensor {spec.name!r} has dtype {spec.dtype}, unknown to Triton")
     reshape = " reshape: { shape: [ ] }" if scalar else ""
     return (
         f'  {{ name: "{spec.name}" data_type: {TRITON_DTYPES[spec.dtype]} '
-        f"dims: [ {', '.join(map(str, dims))} ]{reshape} }}"
+        f"dims: [ {', '.join(map(str, dims or [1]))} ]{reshape} }}"
     )
 
 
@@ -113,8 +111,7 @@ def engine_config(
     instances: int,
     queue_delay_us: int,
 ) -> str:
-    """config.pbtxt of one engine model."""
-    batched = batchable(art)
+    """config.pbtxt of one engine model (batched: `make_repository` admits no other)."""
     name = MODEL_NAMES[role]
     lines = [f'name: "{name}"']
     if art.backend == "tensorrt":
@@ -122,11 +119,10 @@ def engine_config(
     else:
         lines.append('backend: "onnxruntime"')
     lines.append(f'default_model_filename: "{art.file}"')
-    lines.append(f"max_batch_size: {art.batch['max'] if batched else 0}")
-    lines.append("input [\n" + ",\n".join(_tensor_block(s, batched) for s in art.inputs) + "\n]")
-    lines.append("output [\n" + ",\n".join(_tensor_block(s, batched) for s in art.outputs) + "\n]")
-    if batched:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {int(queue_delay_us)} }}")
+    lines.append(f"max_batch_size: {art.batch['max']}")
+    lines.append("input [\n" + ",\n".join(_tensor_block(s) for s in art.inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(_tensor_block(s) for s in art.outputs) + "\n]")
+    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {int(queue_delay_us)} }}")
     triton_kind = "KIND_GPU" if kind == "gpu" else "KIND_CPU"
     lines.append(f"instance_group [ {{ kind: {triton_kind} count: {int(instances)} }} ]")
     return "\n".join(lines) + "\n"
@@ -216,11 +212,12 @@ def make_repository(
         raise TritonRepoError(f"{out} exists; pass --force to replace it, or choose another -o")
     arts = pick_artifacts(manifest, precision, backend)
     for art in arts.values():
-        scalars = [s.name for s in art.inputs if len(s.shape) == 0]
-        if scalars:
+        if not batchable(art):
+            unbatched = [s.name for s in art.inputs if s.shape[:1] != ("batch",)]
             raise TritonRepoError(
-                f"{art.file} takes {', '.join(scalars)} as one scalar per call (exported before "
-                f"gdexport took one guidance scale per sample); Triton serves no scalar inputs. "
+                f"{art.file} takes {', '.join(unbatched)} as one scalar per call (exported before "
+                f"gdexport took one guidance scale per sample); Triton batches only tensors with "
+                f"a batch dimension and serves no scalar inputs. "
                 f"Export and build again: `gdexport build -o NEW_DIR ...` with the same sources"
             )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,43 +31,27 @@ from runtime.pipeline import Pipeline, SamplingError
 ROLES = ("unet", "classifier_grad", "upsampler")
 
 
-def batchable(artifact: Artifact) -> bool:
-    """Triton batches a model only when every input and output has the batch dimension first."""
-    return all(s.shape[:1] == ("batch",) for s in (*artifact.inputs, *artifact.outputs))
-
-
 class BlsBackend:
     """A Backend whose engine is another model of the same Triton server, called through BLS.
 
-    Triton has no rank-0 dims: a scalar per batch item travels as [B, 1] (batched models) and a
-    plain scalar as [1]; the engine model's config reshapes them back (`gdexport triton` writes it).
+    Every engine model is batched. Triton has no rank-0 dims, so a scalar per sample travels as
+    [B, 1] and the engine model's config reshapes it back to [B] (`gdexport triton` writes it).
     """
 
-    def __init__(self, model_name: str, artifact: Artifact, batched: bool):
+    def __init__(self, model_name: str, artifact: Artifact):
         self.model_name = model_name
         self.inputs: dict[str, TensorSpec] = {s.name: s for s in artifact.inputs}
         self.outputs: dict[str, TensorSpec] = {s.name: s for s in artifact.outputs}
         self.batch = artifact.batch
-        self.batched = batched
         self._out_names = list(self.outputs)
-
-    def _wire_shape(self, spec: TensorSpec, a: np.ndarray) -> tuple[int, ...]:
-        rank = len(spec.shape)
-        if rank == 0:
-            return (1,)
-        if rank == 1 and self.batched:
-            return (a.shape[0], 1)
-        return a.shape
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import triton_python_backend_utils as pb_utils
 
         check_feeds(self.inputs, feeds, self.batch)
         tensors = [
-            pb_utils.Tensor(
-                name, np.ascontiguousarray(feeds[name]).reshape(self._wire_shape(spec, feeds[name]))
-            )
-            for name, spec in self.inputs.items()
+            pb_utils.Tensor(name, np.ascontiguousarray(a).reshape(-1, 1) if a.ndim == 1 else a)
+            for name, a in ((n, feeds[n]) for n in self.inputs)
         ]
         request = pb_utils.InferenceRequest(
             model_name=self.model_name,
@@ -116,7 +100,7 @@ class TritonPythonModel:
                 engines[role] = None
                 continue
             art = manifest.artifact_for_file(file)
-            engines[role] = (art, BlsBackend(params[f"{role}_model"], art, batchable(art)))
+            engines[role] = (art, BlsBackend(params[f"{role}_model"], art))
         self.pipeline = Pipeline(
             manifest, engines["unet"], engines["classifier_grad"], engines["upsampler"]
         )
