@@ -41,7 +41,7 @@ INDEX_NAME = "index.json"
 FORMAT = "gdexport-calibration"
 VERSION = 1
 # Engine roles whose feeds are recorded, in the order the pipeline calls them.
-ROLES = ("unet", "classifier_grad", "upsampler")
+from runtime.roles import ENGINE_ROLES as ROLES  # noqa: E402
 
 
 class CalibrationError(RuntimeError):
@@ -225,24 +225,20 @@ def _stack_calls(role: str, calls: list[dict[str, np.ndarray]]) -> dict[str, np.
 
 def _record_shard(pipe, first: int, n: int, config: CalibrationConfig, tick) -> tuple[dict, dict]:
     """Sample [first, first + n) through recorders; returns (npz arrays, calls per role)."""
-    timed = {"unet": pipe._unet, "classifier_grad": pipe._clf, "upsampler": pipe._up}
-    recorders = {}
-    for role, t in timed.items():
-        if t is not None:
-            recorders[role] = _Recorder(t.backend, tick if role != "classifier_grad" else None)
-            t.backend = recorders[role]
-    try:
-        n_classes = pipe.num_classes
-        labels = None if n_classes is None else np.arange(first, first + n) % n_classes
+    recorders: dict[str, _Recorder] = {}
+
+    def record(role, backend):
+        recorders[role] = _Recorder(backend, tick if role != "classifier_grad" else None)
+        return recorders[role]
+
+    n_classes = pipe.num_classes
+    labels = None if n_classes is None else np.arange(first, first + n) % n_classes
+    with pipe.wrapped_engines(record):
         pipe.sample(
             labels, num_samples=n, batch=n, scale=config.scale, steps=config.steps,
             sampler=config.sampler, eta=config.eta, seed=config.seed, first_index=first,
             upsampler_steps=config.upsampler_steps,
         )  # fmt: skip
-    finally:
-        for role, t in timed.items():
-            if role in recorders:
-                t.backend = recorders[role].backend
     arrays: dict[str, np.ndarray] = {}
     for role, rec in recorders.items():
         arrays.update(_stack_calls(role, rec.calls))
@@ -366,7 +362,7 @@ def _config_for(pipe, manifest, steps, upsampler_steps, seed, scale, shard_size)
             f"use a shard size of at most {pipe.batch_max}"
         )
     if scale is None:
-        scale = float(manifest.sampling.get("scale") or 0.0) if pipe._clf is not None else 0.0
+        scale = pipe.default_scale
     graphs = {
         role: art.sha256
         for role, art in (
@@ -377,7 +373,7 @@ def _config_for(pipe, manifest, steps, upsampler_steps, seed, scale, shard_size)
         if art is not None
     }
     up = start = None
-    if pipe._up is not None:
+    if pipe.has_upsampler:
         up = str(upsampler_steps or steps)
         start = manifest.sampling.get("upsampler_start_t") or None
     return CalibrationConfig(
@@ -389,7 +385,7 @@ def _config_for(pipe, manifest, steps, upsampler_steps, seed, scale, shard_size)
 def _steps_per_shard(pipe, config: CalibrationConfig) -> int:
     d = pipe.base["diffusion"]
     k = make_schedule(d["noise_schedule"], d["diffusion_steps"], config.steps).num_timesteps
-    if pipe._up is not None:
+    if pipe.has_upsampler:
         u = pipe.upsampler_info["diffusion"]
         k += make_schedule(
             u["noise_schedule"], u["diffusion_steps"], config.upsampler_steps

@@ -1,15 +1,15 @@
 """`gdexport build`: precision-carrying graphs, and TensorRT plans where TensorRT and a GPU exist.
 
-Precision lives in the ONNX graph. fp16 graphs are exported from the reference with its trunk's
-convolutions in half, as the original's own fp16 mode runs: GroupNorm, softmax, the timestep
-embedding, the output head and the classifier's log-softmax stay fp32 islands by construction.
-Without TensorRT the ONNX Runtime artefacts of the same precision are the build's engines.
+Precision lives in the ONNX graph: a precision leaf (`export/precision/`) turns each fp32 graph
+into a graph of its precision, and every graph goes through one loop (`export.graphs`): op
+check -> engine -> parity through the backend that runs it -> manifest entry. Without TensorRT
+the ONNX Runtime artefacts of the same precision are the build's engines. The trajectory parity
+runs on the staged engines, and the build is committed (files, then the manifest) only after.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,24 +17,16 @@ from typing import Any
 import torch
 
 from export.exporter import (
-    COMPONENT_KIND,
-    ROLE_FILES,
     ComponentSource,
     ExportError,
-    artifact_entry,
-    commit_build,
     export_build,
     load_component_from_manifest,
+    new_staging,
 )
-from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError
-
-PRECISIONS = ("fp32", "fp16", "int8")
-FP16_ON_CPU_NOTE = (
-    "; ONNX Runtime on x86 CPUs runs most fp16 ops as fp32 behind inserted casts, so this "
-    "measures fp16 storage rounding of weights and activations, not fp16 arithmetic"
-)
-# The engines a build makes: the classifier's logits graph is for evaluation only.
-ENGINE_ROLES = ("unet", "classifier_grad", "upsampler")
+from export.graphs import EngineOptions, finish_graph, save_ort_optimized
+from export.precision import PRECISIONS, precision_leaf
+from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, ManifestWriter
+from runtime.roles import COMPONENT_KIND, ENGINE_ROLES, ROLES
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -97,7 +89,8 @@ def build(
     """Export `out` if it has no current export of `sources`, then build every engine there.
 
     int8: Q/DQ graphs calibrated on OUT/calibration/ (recorded first when absent);
-    `int8_options` go to `calibration.int8.int8_graphs` (method, keep, samples, steps).
+    `int8_options` go to the int8 leaf, `export.precision.int8.Int8` (method, keep, samples,
+    steps, reduce_range).
     """
     out = Path(out)
     if precision not in PRECISIONS:
@@ -136,200 +129,78 @@ def _build_engines(
     manifest, precision, engine_backend, workspace_gb, opt_level, trajectory_steps, log,
     int8_options=None,
 ):  # fmt: skip
-    from export.onnx_export import OPSET, export_onnx
-    from export.parity import check_artifact, format_table, tolerance_for
-    from export.trt_ops import check_tensorrt_ops
+    from export.parity import format_table
 
     out = manifest.folder
-    data = manifest.data
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    options = dict(int8_options or {})
+    if precision == "int8":
+        # ONNX Runtime's x86 int8 kernels overflow with full-range weights on CPUs without
+        # VNNI; TensorRT needs no margin.
+        options.setdefault("reduce_range", engine_backend == "onnxruntime")
+    leaf = precision_leaf(precision, options)
+    engines = EngineOptions(engine_backend, workspace_gb, opt_level, out / "timing.cache")
+    staging = new_staging(out)
     try:
-        import onnx
-
         models = {
             name: load_component_from_manifest(manifest, name) for name in manifest.components
         }
-        new_artifacts, rows = [], []
-        int8 = None
-        if precision == "int8":
-            from calibration.int8 import int8_graphs
-
-            # ONNX Runtime's x86 int8 kernels overflow with full-range weights on CPUs
-            # without VNNI; TensorRT needs no margin.
-            reduce = engine_backend == "onnxruntime"
-            int8 = int8_graphs(
-                manifest, models, staging, log=log, reduce_range=reduce, **(int8_options or {})
+        writer = ManifestWriter.of(manifest)
+        if precision != "fp32":  # a rebuild may make fewer graphs than the last one
+            writer.drop_precision(precision)
+        leaf.prepare(manifest, models, staging, log)
+        rows = []
+        for role in ENGINE_ROLES:
+            fp32 = manifest.artifact(role, "fp32", "onnxruntime")
+            if fp32 is None:
+                continue
+            model = models[ROLES[role].component]
+            graph = leaf.graph(role, manifest.verify(fp32), model, staging, fp32.batch, log)
+            if graph is None:  # kept in float: the leaf's manifest section says why
+                continue
+            # The export checked its own fp32 graphs; what is new here is checked here.
+            check = not (precision == "fp32" and engine_backend == "onnxruntime")
+            entries, new_rows = finish_graph(
+                graph, model, staging, fp32.batch, engines, check=check, log=log
             )
-            new_artifacts += int8.entries
-            rows += int8.rows
-        for name, model in models.items():
-            for role, fp32_file in ROLE_FILES[name]:
-                if role not in ENGINE_ROLES:
-                    continue
-                fp32_art = manifest.artifact(role, "fp32", "onnxruntime")
-                batch = fp32_art.batch
-                if precision == "fp32":
-                    graph_file = fp32_file
-                    graph_path = out / fp32_file
-                elif precision == "int8":
-                    graph_path = int8.graphs.get(role)
-                    if graph_path is None:  # kept in float: the manifest's "int8" section says why
-                        continue
-                else:
-                    graph_file = fp32_file.replace(".onnx", f".{precision}.onnx")
-                    graph_path = staging / graph_file
-                    log(f"exporting {name} -> {graph_file} (fp16 trunk, fp32 islands)")
-                    half = _half_copy(model)
-                    kind = "superres" if role == "upsampler" else role
-                    export_onnx(kind, half, graph_path, batch_max=batch["max"])
-                    problems = check_tensorrt_ops(
-                        onnx.load(str(graph_path), load_external_data=False)
-                    )
-                    if problems:
-                        raise ExportError(
-                            f"{graph_file}: ops TensorRT cannot parse: {problems[:5]}"
-                        )
-                    new_artifacts.append(
-                        artifact_entry(
-                            staging,
-                            graph_file,
-                            role,
-                            precision,
-                            batch,
-                            opset=OPSET,
-                            trt_op_check="pass",
-                        )
-                    )
-                    batches = tuple(b for b in (1, 3) if batch["min"] <= b <= batch["max"]) or (
-                        batch["min"],
-                    )
-                    row = check_artifact(graph_path, role, model, precision=precision, batches=batches,
-                                         tol=tolerance_for(precision))  # fmt: skip
-                    row.what += FP16_ON_CPU_NOTE
-                    rows.append(row)
-                if engine_backend == "tensorrt":
-                    new_artifacts.append(
-                        _trt_engine(
-                            graph_path,
-                            staging,
-                            out,
-                            role,
-                            precision,
-                            batch,
-                            workspace_gb,
-                            opt_level,
-                            log,
-                        )
-                    )
-        if engine_backend == "onnxruntime":
-            new_artifacts = _with_ort_optimized(out, staging, data, new_artifacts, precision, log)
+            if engine_backend == "onnxruntime":
+                src = graph.path
+                entries[0] = save_ort_optimized(entries[0], src, staging, log)
+            writer.put_artifacts(entries)
+            rows += new_rows
+        leaf.finish(writer)
         if rows:
             log(format_table(rows))
-        if int8 is not None:  # a rebuild may quantise fewer graphs than the last one
-            data = int8.without_old_int8(data)
-        data = _merged_manifest(data, new_artifacts, rows)
-        if int8 is not None:
-            data["int8"] = int8.summary
-        commit_build(out, staging, data)
+        writer.put_parity(rows)
         if trajectory_steps and precision != "fp32":
-            _record_trajectory(out, models, precision, trajectory_steps, log)
-        return Manifest.load(out).data
+            staged = Manifest(writer.data, out, staging=staging)
+            traj = _trajectory_rows(
+                staged, models, precision, engine_backend, trajectory_steps, log
+            )
+            writer.put_trajectories([precision], traj)
+        return writer.commit(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _with_ort_optimized(out, staging, data, new_artifacts, precision, log) -> list[dict]:
-    """Save ONNX Runtime's optimised graph beside each engine of this precision, recorded as the
-    artefact's `ort_optimized` (level "extended": fusions that hold on any CPU; the runtime loads
-    it when its onnxruntime version matches). Graphs with external data are left as they are."""
-    import onnxruntime as ort
-
-    from runtime.manifest import sha256_of
-
-    engines = [a for a in new_artifacts if a["backend"] == "onnxruntime"]
-    if precision == "fp32":
-        engines += [
-            dict(a) for a in data["artifacts"]
-            if a["precision"] == "fp32" and a["backend"] == "onnxruntime" and a["role"] in ENGINE_ROLES
-        ]  # fmt: skip
-    updated = {}
-    for a in engines:
-        if a["role"] not in ENGINE_ROLES or "external_data" in a:
-            continue
-        src = staging / a["file"] if (staging / a["file"]).exists() else out / a["file"]
-        opt_file = a["file"].replace(".onnx", ".ortopt.onnx")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(staging / opt_file)
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
-        a = dict(a)
-        a["ort_optimized"] = {
-            "file": opt_file,
-            "sha256": sha256_of(staging / opt_file),
-            "level": "extended",
-            "onnxruntime": ort.__version__,
-        }
-        updated[a["file"]] = a
-        log(f"saved ONNX Runtime's optimised graph {opt_file}")
-    kept = [a for a in new_artifacts if a["file"] not in updated]
-    return kept + list(updated.values())
-
-
-def _half_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    half = copy.deepcopy(model)
-    half.convert_trunk(torch.float16)
-    return half
-
-
-def _trt_engine(graph_path, staging, out, role, precision, batch, workspace_gb, opt_level, log):
-    from export.exporter import graph_io
-    from export.trt_build import engine_from_onnx
-
-    plan_file = graph_path.name.replace(".onnx", ".plan")
-    if precision == "fp32":
-        plan_file = graph_path.name.replace(".onnx", ".fp32.plan")
-    inputs, _ = graph_io(graph_path)
-    log(f"building TensorRT engine {plan_file}")
-    extra = engine_from_onnx(
-        graph_path, staging / plan_file, batch=batch, inputs=inputs, precision=precision,
-        timing_cache=out / "timing.cache", workspace_gb=workspace_gb, opt_level=opt_level, log=log,
-    )  # fmt: skip
-    return artifact_entry(staging, plan_file, role, precision, batch, graph=graph_path, **extra)
-
-
-def _merged_manifest(data: dict[str, Any], new_artifacts: list[dict], rows: list) -> dict[str, Any]:
-    files = {a["file"] for a in new_artifacts}
-    data = dict(data)
-    data["artifacts"] = [a for a in data["artifacts"] if a["file"] not in files] + new_artifacts
-    parity = dict(data.get("parity", {}))
-    by_file = {r["artifact"]: r for r in parity.get("components", [])}
-    by_file.update({r.artifact: r.to_json() for r in rows})
-    parity["components"] = list(by_file.values())
-    data["parity"] = parity
-    return data
-
-
-def _record_trajectory(out: Path, models, precision: str, steps: str, log) -> None:
-    """Run the fp16 (etc.) pipeline against the fp32 reference loop and record the figures."""
+def _trajectory_rows(staged: Manifest, models, precision, engine_backend, steps, log) -> list:
+    """The staged pipeline of `precision` against the fp32 reference loop (report only below
+    fp32); non-finite samples fail the build."""
     from export.trajectory import format_rows, trajectory_parity
-    from runtime.manifest import write_json_atomic
     from runtime.pipeline import Pipeline
+    from runtime.sampling import NonFiniteError
 
-    with Pipeline.from_manifest(out, precision=precision, backend="onnxruntime") as pipe:
+    with Pipeline.from_manifest(staged, precision=precision, backend=engine_backend) as pipe:
         if pipe.unet_artifact.precision != precision:
-            return
-        rows = trajectory_parity(pipe, models, steps=steps)
+            return []
+        try:
+            rows = trajectory_parity(pipe, models, steps=steps)
+        except NonFiniteError as e:
+            raise ExportError(
+                f"the {precision} engines give non-finite values along a sampling trajectory "
+                f"({e}); nothing was written. Rebuild at another precision or check the weights"
+            ) from None
     log(format_rows(rows))
-    manifest = Manifest.load(out)
-    data = manifest.data
-    kept = [
-        r for r in data.get("parity", {}).get("trajectories", []) if r["precision"] != precision
-    ]
-    data.setdefault("parity", {})["trajectories"] = kept + [r.to_json() for r in rows]
-    write_json_atomic(out / MANIFEST_NAME, data)
+    return rows
 
 
 __all__ = ["build", "choose_backend", "tensorrt_available", "COMPONENT_KIND", "PRECISIONS"]

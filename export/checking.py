@@ -1,4 +1,9 @@
-"""`gdexport check BUILD`: every artefact against the PyTorch reference, and whole trajectories."""
+"""`gdexport check BUILD`: every artefact against the PyTorch reference, and whole trajectories.
+
+Each artefact is run through the backend that runs it (ONNX Runtime, or TensorRT where TensorRT
+and a GPU are present; elsewhere its plans are listed as not checked). The figures replace the
+same artefacts' and precisions' earlier ones in the manifest; the rest are kept.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.exporter import load_component_from_manifest
+from export.graphs import ExportError
 from export.parity import check_artifact, format_table, tolerance_for
-from runtime.manifest import MANIFEST_NAME, Manifest, write_json_atomic
+from runtime.manifest import Manifest, ManifestWriter
+from runtime.roles import ROLES
 
 
 def run_check(
@@ -18,61 +25,65 @@ def run_check(
     precision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> bool:
-    """Print the parity tables, record them in the manifest, return whether all passed."""
+    """Print the parity tables, record them in the manifest, return whether all passed.
+
+    Raises ExportError when an engine gives non-finite outputs along a trajectory."""
+    from export.build import tensorrt_available
+
     manifest = Manifest.load(build)
     models = {name: load_component_from_manifest(manifest, name) for name in manifest.components}
-    component_of = {
-        "unet": "unet",
-        "classifier_grad": "classifier",
-        "classifier": "classifier",
-        "upsampler": "upsampler",
-    }
+    trt_ok, trt_why = tensorrt_available()
     rows, skipped = [], []
     for art in manifest.artifacts:
         if precision and art.precision != precision:
             continue
-        if art.backend != "onnxruntime":
-            skipped.append(
-                f"{art.file} ({art.backend}: checked by `gdexport check` on a machine with it)"
-            )
+        if art.backend == "tensorrt" and not trt_ok:
+            skipped.append(f"{art.file} (tensorrt: {trt_why}; check it on a machine with it)")
             continue
         path = manifest.verify(art)
-        model = models[component_of[art.role]]
-        batches = (1, 4, 16) if art.role == "classifier_grad" else (1, 3)
-        batches = tuple(b for b in batches if art.batch["min"] <= b <= art.batch["max"]) or (
-            art.batch["min"],
-        )
-        rows.append(check_artifact(path, art.role, model, precision=art.precision, batches=batches,
-                                   tol=tolerance_for(art.precision)))  # fmt: skip
+        rows.append(check_artifact(
+            path, art.role, models[ROLES[art.role].component], precision=art.precision,
+            batches=ROLES[art.role].batches_within(art.batch), tol=tolerance_for(art.precision),
+            backend=art.backend, batch=art.batch,
+        ))  # fmt: skip
     log(format_table(rows))
     for s in skipped:
         log(f"skipped {s}")
     ok = all(r.passed is not False for r in rows)
-    traj_rows = []
+    writer = ManifestWriter.of(manifest)
+    writer.put_parity(rows)
     if trajectory:
-        from export.trajectory import format_rows, trajectory_parity
-        from runtime.pipeline import Pipeline
-
-        precisions = sorted(
-            {
-                a.precision
-                for a in manifest.artifacts
-                if a.role == "unet" and a.backend == "onnxruntime"
-            }
-        )
-        for prec in precisions:
-            if precision and prec != precision:
-                continue
-            with Pipeline.from_manifest(build, precision=prec, backend="onnxruntime") as pipe:
-                traj_rows += trajectory_parity(pipe, models, steps=steps)
-        log(format_rows(traj_rows))
+        measured, traj_rows = _trajectories(manifest, models, precision, steps, trt_ok, log)
         ok = ok and all(r.passed is not False for r in traj_rows)
-    data = manifest.data
-    parity = data.setdefault("parity", {})
-    by_key = {(r["artifact"]): r for r in parity.get("components", [])}
-    by_key.update({r.artifact: r.to_json() for r in rows})
-    parity["components"] = list(by_key.values())
-    if traj_rows:
-        parity["trajectories"] = [r.to_json() for r in traj_rows]
-    write_json_atomic(Path(manifest.folder) / MANIFEST_NAME, data)
+        writer.put_trajectories(measured, traj_rows)
+    writer.commit(manifest.folder)
     return ok
+
+
+def _trajectories(manifest: Manifest, models, precision, steps, trt_ok, log):
+    from export.trajectory import format_rows, trajectory_parity
+    from runtime.pipeline import Pipeline
+    from runtime.sampling import NonFiniteError
+
+    backends = ("onnxruntime", "tensorrt") if trt_ok else ("onnxruntime",)
+    pairs = sorted(
+        {
+            (a.precision, a.backend)
+            for a in manifest.artifacts
+            if a.role == "unet" and a.backend in backends
+            and (precision is None or a.precision == precision)
+        }
+    )  # fmt: skip
+    rows = []
+    for prec, backend in pairs:
+        with Pipeline.from_manifest(manifest, precision=prec, backend=backend) as pipe:
+            try:
+                rows += trajectory_parity(pipe, models, steps=steps)
+            except NonFiniteError as e:
+                raise ExportError(
+                    f"the {prec} {backend} engines of {manifest.folder} give non-finite values "
+                    f"along a sampling trajectory ({e}): the build is broken; rebuild it, and "
+                    f"check that the checkpoint's weights are finite"
+                ) from None
+    log(format_rows(rows))
+    return {p for p, _ in pairs}, rows

@@ -180,7 +180,7 @@ def check(build_dir, trajectory, steps, precision):
         ok = run_check(
             Path(build_dir), trajectory=trajectory, steps=steps, precision=precision, log=click.echo
         )
-    except (SpecError, ValueError, RuntimeError) as e:
+    except (SpecError, ValueError, RuntimeError) as e:  # ManifestError, ExportError, BackendError
         _fail(str(e))
     sys.exit(0 if ok else 1)
 
@@ -205,9 +205,16 @@ def info(build_dir):
             f"{name:<11} {c['kind']:<10} {c.get('preset') or '-':<24} {c['image_size']}px  classes={c['num_classes']}  weights={weights}"
         )
     click.echo("")
+    bad = []
     for a in m.artifacts:
+        try:
+            m.verify(a)
+            state = "sha256 ok"
+        except ManifestError as e:
+            state = "MISSING" if "is missing" in str(e) else "sha256 MISMATCH"
+            bad.append(str(e))
         click.echo(
-            f"{a.file:<30} {a.role:<16} {a.precision:<5} {a.backend:<12} batch {a.batch['min']}..{a.batch['max']}  sha256 {a.sha256[:12]}"
+            f"{a.file:<30} {a.role:<16} {a.precision:<5} {a.backend:<12} batch {a.batch['min']}..{a.batch['max']}  {a.sha256[:12]} {state}"
         )
     parity = m.data.get("parity", {})
     if parity.get("components"):
@@ -216,6 +223,11 @@ def info(build_dir):
     if parity.get("trajectories"):
         click.echo("")
         click.echo(format_rows([TrajectoryRow(**r) for r in parity["trajectories"]]))
+    if bad:
+        _fail(f"{len(bad)} artefact(s) of {build_dir} fail verification: " + " ".join(bad))
+    click.echo(
+        f"\nverified: every artefact's sha256 matches the manifest ({len(m.artifacts)} files)"
+    )
 
 
 @main.command("merge-samples")

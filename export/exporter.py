@@ -7,7 +7,6 @@ in and the manifest written, last. An interrupted or failed export leaves no man
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 import shutil
@@ -20,29 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.graphs import EngineOptions, ExportError, StagedGraph, finish_graph
 from export.loading import build_model, load_model
 from export.spec import ModelSpec, resolve_spec
-from runtime.manifest import (
-    FORMAT,
-    MANIFEST_NAME,
-    VERSION,
-    Manifest,
-    ManifestError,
-    TensorSpec,
-    sha256_of,
-    write_json_atomic,
-)
+from runtime.manifest import Manifest, ManifestError, ManifestWriter, sha256_of
+from runtime.roles import COMPONENT_KIND, roles_of
 
-COMPONENT_KIND = {"unet": "unet", "classifier": "classifier", "upsampler": "superres"}
-ROLE_FILES = {
-    "unet": [("unet", "unet.onnx")],
-    "classifier": [("classifier_grad", "classifier_grad.onnx"), ("classifier", "classifier.onnx")],
-    "upsampler": [("upsampler", "upsampler.onnx")],
-}
-
-
-class ExportError(RuntimeError):
-    """An export that could not complete; nothing was left in the build folder."""
+# Raised by the export and the build alike (defined with the loop every graph goes through).
+__all__ = ["ComponentSource", "ExportError", "export_build", "load_component"]
 
 
 @dataclass
@@ -110,21 +94,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    names = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64"}
-
-    def spec(v) -> TensorSpec:
-        t = v.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else "batch" for d in t.shape.dim)
-        return TensorSpec(v.name, names.get(t.elem_type, str(t.elem_type)), shape)
-
-    init = {i.name for i in m.graph.initializer}
-    return [spec(i) for i in m.graph.input if i.name not in init], [spec(o) for o in m.graph.output]
-
-
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -136,50 +105,39 @@ def check_writable(out: Path) -> None:
         ) from None
 
 
-def artifact_entry(
-    staging: Path,
-    file: str,
-    role: str,
-    precision: str,
-    batch: dict[str, int],
-    *,
-    graph: Path | None = None,
-    **extra,
-) -> dict[str, Any]:
-    """The manifest entry of `staging/file`: an ONNX graph, or a TensorRT plan built from
-    `graph` (whose inputs and outputs the plan has)."""
-    path = staging / file
-    inputs, outputs = graph_io(graph or path)
-    data = path.with_name(file + ".data")
-    entry = {
-        "file": file,
-        "role": role,
-        "precision": precision,
-        "backend": "tensorrt" if graph is not None else "onnxruntime",
-        "format": "plan" if graph is not None else "onnx",
-        "sha256": sha256_of(path),
-        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
-        "inputs": [t.to_json() for t in inputs],
-        "outputs": [t.to_json() for t in outputs],
-        "batch": batch,
-    }
-    if data.exists():
-        entry["external_data"] = {"file": data.name, "sha256": sha256_of(data)}
-    if graph is not None:
-        entry["source_graph"] = graph.name
-    entry.update(extra)
-    return entry
+def check_finite(models: dict[str, nn.Module], sources: dict[str, ComponentSource]) -> None:
+    """Refuse weights with NaN or inf before anything is exported: such a network exports and
+    may even match its own reference, but samples nothing."""
+    for name, model in models.items():
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                where = sources[name].checkpoint or f"random weights (seed {sources[name].seed})"
+                raise ExportError(
+                    f"the {name} weights hold {bad} non-finite value(s) (NaN or inf) in {key} "
+                    f"({where}); nothing was written. A diverged or corrupted checkpoint: use an "
+                    f"earlier or the EMA checkpoint, or check how the file was converted"
+                )
 
 
-def commit_build(out: Path, staging: Path, manifest: dict[str, Any]) -> None:
-    """Move staged files into `out` and write the manifest last, atomically.
+def new_staging(out: Path) -> Path:
+    """A fresh staging folder in `out` (named for this process), after removing those left by
+    builds that were killed: a staging folder whose process no longer runs."""
+    for old in out.glob(".staging-*"):
+        pid = old.name.split("-")[1] if old.name.count("-") >= 2 else ""
+        if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=out))
 
-    The old manifest goes first, so at no moment does a manifest point at files being replaced.
-    """
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def export_build(
@@ -197,10 +155,6 @@ def export_build(
     Returns the manifest written. Raises ExportError (or SpecError / CheckpointError for bad
     inputs, before anything is written).
     """
-    from export.onnx_export import OPSET, export_onnx
-    from export.parity import check_artifact, format_table
-    from export.trt_ops import check_tensorrt_ops
-
     out = Path(out)
     if not components:
         raise ExportError(
@@ -211,61 +165,44 @@ def export_build(
             f"batch range must satisfy 1 <= min <= opt <= max, got {batch_min}/{batch_opt}/{batch_max}"
         )
     models = {name: load_component(name, src) for name, src in components.items()}
+    check_finite(models, components)
     check_writable(out)
     batch = {"min": batch_min, "opt": batch_opt, "max": batch_max}
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    staging = new_staging(out)
     try:
-        import onnx
+        from export import onnx_export
+        from export.parity import format_table, tolerance_for
 
-        artifacts, rows = [], []
+        writer = ManifestWriter.new(
+            components=component_records(models, components),
+            sampling=sampling_defaults(models),
+            tools=tool_versions(),
+        )
+        rows = []
         for name, model in models.items():
-            for role, file in ROLE_FILES[name]:
-                log(f"exporting {name} -> {file}")
-                kind = "superres" if role == "upsampler" else role
-                export_onnx(kind, model, staging / file, batch_max=batch_max)
-                problems = check_tensorrt_ops(
-                    onnx.load(str(staging / file), load_external_data=False)
+            for role in roles_of(name):
+                log(f"exporting {name} -> {role.file}")
+                onnx_export.export_onnx(role.name, model, staging / role.file, batch_max=batch_max)
+                graph = StagedGraph(
+                    role.name, "fp32", staging / role.file, tol=tolerance_for("fp32")
                 )
-                if problems:
-                    raise ExportError(
-                        f"{file} has {len(problems)} op(s) TensorRT cannot parse: "
-                        + "; ".join(map(str, problems[:5]))
-                    )
-                artifacts.append(
-                    artifact_entry(
-                        staging, file, role, "fp32", batch, opset=OPSET, trt_op_check="pass"
-                    )
+                entries, new_rows = finish_graph(
+                    graph, model, staging, batch, EngineOptions(), check=check, log=log
                 )
-                if check:
-                    batches = (1, 4, 16) if role == "classifier_grad" else (1, 3)
-                    batches = tuple(b for b in batches if batch_min <= b <= batch_max) or (
-                        batch_min,
-                    )
-                    rows.append(check_artifact(staging / file, role, model, batches=batches))
+                writer.put_artifacts(entries)
+                rows += new_rows
         if rows:
             log(format_table(rows))
-            bad = [r for r in rows if not r.passed]
-            if bad:
-                raise ExportError(
-                    "parity check failed for "
-                    + ", ".join(
-                        f"{r.artifact} (max abs {r.max_abs:.2e} > {r.tol:.0e})" for r in bad
-                    )
-                    + "; nothing was written"
-                )
-        manifest = make_manifest(models, components, artifacts, rows)
-        commit_build(out, staging, manifest)
-        return manifest
+        writer.put_parity(rows)
+        return writer.commit(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def make_manifest(
-    models: dict[str, nn.Module],
-    sources: dict[str, ComponentSource],
-    artifacts: list[dict[str, Any]],
-    rows: list,
+def component_records(
+    models: dict[str, nn.Module], sources: dict[str, ComponentSource]
 ) -> dict[str, Any]:
+    """The manifest's "components": what the runtime needs of each network, and its source."""
     comps = {}
     for name, model in models.items():
         spec: ModelSpec = model.spec
@@ -274,38 +211,30 @@ def make_manifest(
             "preset": spec.preset,
             "image_size": spec.image_size,
             "num_classes": spec.num_classes,
-            "low_res_size": spec.ctor.get("small_size"),
+            "low_res_size": spec.low_res_size,
             "diffusion": spec.diffusion,
             "weights": sources[name].describe(),
             "spec": spec.to_json(),
         }
+    return comps
+
+
+def sampling_defaults(models: dict[str, nn.Module]) -> dict[str, Any]:
+    """The manifest's "sampling": the defaults `runtime.sample` uses (the presets' advice)."""
     base = models.get("unet")
     clf = models.get("classifier")
+    up = models.get("upsampler")
     scale = None
     if clf is not None:
         scale = clf.spec.recommended_scale
         if scale is None and base is not None:
             scale = base.spec.recommended_scale
-    sampling = {
+    return {
         "scale": scale if scale is not None else (1.0 if clf is not None else 0.0),
         "respacing": base.spec.recommended_respacing if base is not None else "250",
-        "upsampler_respacing": models["upsampler"].spec.recommended_respacing
-        if "upsampler" in models
-        else None,
-        "upsampler_start_t": models["upsampler"].spec.recommended_start_t
-        if "upsampler" in models
-        else None,
+        "upsampler_respacing": up.spec.recommended_respacing if up is not None else None,
+        "upsampler_start_t": up.spec.recommended_start_t if up is not None else None,
         "grayscale": base.spec.grayscale if base is not None else False,
         "sampler": "ddim",
         "clip_denoised": True,
-    }
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tools": tool_versions(),
-        "components": comps,
-        "sampling": sampling,
-        "artifacts": artifacts,
-        "parity": {"components": [r.to_json() for r in rows]},
     }

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from export.model import EncoderUNetModel, SuperResModel, UNetModel
+from runtime.roles import ROLES
 
 OPSET = 18  # the dynamo exporter's minimum; TensorRT 10.0+ parses opsets 9..20
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; stay clear of it
@@ -187,54 +188,57 @@ def classifier_grad_graph(classifier: EncoderUNetModel, batch: int = 2) -> nn.Mo
     return _GraphIO(gm)
 
 
-def example_inputs(kind: str, model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    """Named example inputs of a component (the ONNX graph's input names)."""
+def example_inputs(role: str, model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
+    """Named example inputs of a role's graph, in the order of `runtime.roles` (the graph's)."""
     size = model.image_size
     b = max(batch, 2)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 3, size, size, generator=gen)
-    t = torch.arange(b, dtype=torch.int64) * 7
-    feeds: dict[str, torch.Tensor] = {"x": x, "t": t}
-    if kind == "superres":
-        small = model.spec.ctor.get("small_size", size // 4)
-        feeds["low_res"] = torch.randn(b, 3, small, small, generator=gen)
-    n_classes = (
-        model.out_channels if kind in ("classifier", "classifier_grad") else model.num_classes
-    )
-    if kind == "classifier_grad" or (kind in ("unet", "superres") and n_classes is not None):
-        feeds["y"] = torch.arange(b, dtype=torch.int64) % n_classes
-    if kind == "classifier_grad":
-        feeds["scale"] = torch.ones(b)
+    n_classes = model.out_channels if ROLES[role].component == "classifier" else model.num_classes
+    feeds: dict[str, torch.Tensor] = {}
+    for spec in ROLES[role].inputs:
+        if spec.optional and n_classes is None:
+            continue
+        if spec.name == "x":
+            feeds["x"] = torch.randn(b, 3, size, size, generator=gen)
+        elif spec.name == "t":
+            feeds["t"] = torch.arange(b, dtype=torch.int64) * 7
+        elif spec.name == "low_res":
+            small = model.spec.low_res_size
+            feeds["low_res"] = torch.randn(b, 3, small, small, generator=gen)
+        elif spec.name == "y":
+            feeds["y"] = torch.arange(b, dtype=torch.int64) % n_classes
+        elif spec.name == "scale":
+            feeds["scale"] = torch.ones(b)
+        else:
+            raise ValueError(f"no example input for {role} input {spec.name!r}")
     return feeds
 
 
 def export_onnx(
-    kind: str,
+    role: str,
     model: nn.Module,
     path: str | Path,
     *,
     batch_max: int = 64,
     opset: int = OPSET,
 ) -> list[str]:
-    """Export one component to `path`. kind: unet, superres, classifier (logits) or classifier_grad.
+    """Export one role's graph to `path`: unet, upsampler, classifier (logits) or
+    classifier_grad (`runtime.roles`), its inputs and output named as the table says.
 
     Batch is dynamic (named "batch"), 1..batch_max. Returns the files written (the graph, plus its
     external-data file for models over ~1.8 GB).
     """
     path = Path(path)
-    feeds = example_inputs(kind, model, 2)
-    if kind == "unet":
-        module = UNetIO(model)
-    elif kind == "superres":
-        module = SuperResIO(model)
-    elif kind == "classifier":
-        module = ClassifierIO(model)
-        feeds.pop("y", None)
-    elif kind == "classifier_grad":
-        module = classifier_grad_graph(model)
-    else:
-        raise ValueError(f"unknown component kind {kind!r}")
-    output = {"classifier": "logits", "classifier_grad": "grad"}.get(kind, "out")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    feeds = example_inputs(role, model, 2)
+    module = {
+        "unet": UNetIO,
+        "upsampler": SuperResIO,
+        "classifier": ClassifierIO,
+        "classifier_grad": classifier_grad_graph,
+    }[role](model)
+    output = ROLES[role].output
     batch = torch.export.Dim("batch", min=1, max=batch_max)
     dynamic = {name: {0: batch} for name in feeds}
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

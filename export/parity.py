@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from export.onnx_export import classifier_gradient
-from runtime.backends.onnxruntime import OrtBackend
+from runtime.backends import open_backend
 
 FP32_TOL = 1e-4
 # Reduced precision is judged relative to the output's magnitude: |err| <= rel * max|ref|.
@@ -41,9 +41,15 @@ class ParityRow:
     tol: float | None
     passed: bool | None
     what: str = "onnxruntime-cpu vs pytorch fp32"
+    # False when the engine or the reference gave NaN or inf: never a pass.
+    finite: bool = True
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("max_abs", "max_rel", "mean_abs", "ref_max"):
+            if not np.isfinite(d[k]):
+                d[k] = None  # JSON has no NaN / inf
+        return d
 
 
 def fit_feeds(feeds: dict[str, np.ndarray], specs) -> dict[str, np.ndarray]:
@@ -70,7 +76,7 @@ def parity_inputs(role: str, model: nn.Module, batch: int, seed: int) -> dict[st
         else np.array([rng.integers(0, steps)], np.int64),
     }
     if role == "upsampler":
-        small = model.spec.ctor["small_size"]
+        small = model.spec.low_res_size
         feeds["low_res"] = rng.uniform(-1, 1, (batch, 3, small, small)).astype(np.float32)
     classes = model.out_channels if role in ("classifier", "classifier_grad") else model.num_classes
     if classes is not None and role != "classifier":
@@ -103,26 +109,37 @@ def check_artifact(
     batches: tuple[int, ...] = (1, 3),
     tol: float | tuple[str, float] | None = FP32_TOL,
     seed: int = 0,
+    backend: str = "onnxruntime",
+    batch: dict[str, int] | None = None,
 ) -> ParityRow:
-    """Run the graph in ONNX Runtime (CPU) and the reference on the same inputs, for each batch.
+    """Run the engine (through the runtime's `backend`) and the reference on the same inputs,
+    for each batch.
 
-    `tol`: an absolute tolerance, ("rel", r) for r * max|ref|, or None to report only.
+    `tol`: an absolute tolerance, ("rel", r) for r * max|ref|, or None to report only. A
+    non-finite output on either side fails the row (`finite` False), whatever `tol` says.
     """
     worst_abs = worst_rel = ref_max = 0.0
     sum_abs, count = 0.0, 0
-    with OrtBackend(path) as backend:
+    finite = True
+    options = {"batch": batch} if batch is not None and backend == "tensorrt" else {}
+    with open_backend(path, backend, **options) as engine:
         for i, b in enumerate(batches):
             feeds = parity_inputs(role, model, b, seed + i)
-            feeds = fit_feeds(feeds, backend.inputs)
-            got = next(iter(backend(feeds).values())).astype(np.float64)
+            feeds = fit_feeds(feeds, engine.inputs)
+            got = next(iter(engine(feeds).values())).astype(np.float64)
             want = reference_output(role, model, feeds).astype(np.float64)
+            if not (np.isfinite(got).all() and np.isfinite(want).all()):
+                finite = False
             err = np.abs(got - want)
             worst_abs = max(worst_abs, float(err.max()))
             worst_rel = max(worst_rel, float((err / (np.abs(want) + 1e-6)).max()))
             ref_max = max(ref_max, float(np.abs(want).max()))
             sum_abs += float(err.sum())
             count += err.size
+    if not finite:
+        worst_abs = worst_rel = float("nan")
     abs_tol = tol[1] * ref_max if isinstance(tol, tuple) else tol
+    passed = None if abs_tol is None else bool(worst_abs <= abs_tol)
     return ParityRow(
         artifact=Path(path).name,
         role=role,
@@ -133,7 +150,9 @@ def check_artifact(
         mean_abs=sum_abs / max(count, 1),
         ref_max=ref_max,
         tol=abs_tol,
-        passed=None if abs_tol is None else worst_abs <= abs_tol,
+        passed=False if not finite else passed,
+        what=f"{'onnxruntime-cpu' if backend == 'onnxruntime' else backend} vs pytorch fp32",
+        finite=finite,
     )
 
 
@@ -142,10 +161,15 @@ def format_table(rows: list[ParityRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.artifact:<28} {r.role:<16} {r.precision:<5} {r.max_abs:>10.2e} {r.max_rel:>10.2e} "
-            f"{r.mean_abs:>10.2e} {r.ref_max:>10.3g} {_fmt_tol(r.tol):>8}  {_fmt_pass(r.passed)}"
+            f"{r.artifact:<28} {r.role:<16} {r.precision:<5} {_num(r.max_abs, '.2e'):>10} "
+            f"{_num(r.max_rel, '.2e'):>10} {_num(r.mean_abs, '.2e'):>10} {_num(r.ref_max, '.3g'):>10} "
+            f"{_fmt_tol(r.tol):>8}  {_fmt_pass(r.passed)}"
         )
     return "\n".join(lines)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "non-finite" if v is None or not np.isfinite(v) else format(v, fmt)
 
 
 def _fmt_tol(tol: float | None) -> str:

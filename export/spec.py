@@ -120,6 +120,11 @@ class ModelSpec:
             return int(self.ctor["out_channels"])
         return self.ctor.get("num_classes")
 
+    @property
+    def low_res_size(self) -> int | None:
+        """An upsampler's input size (`small_size`), None for other kinds."""
+        return int(self.ctor["small_size"]) if self.kind == "superres" else None
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -324,6 +329,12 @@ def spec_from_ctor(d: dict[str, Any], kind: str | None = None) -> ModelSpec:
     for req in ("image_size", "model_channels", "out_channels", "num_res_blocks"):
         if req not in ctor:
             raise SpecError(f"constructor dict for a {kind} is missing {req!r}")
+    if kind == "superres" and "small_size" not in ctor:
+        raise SpecError(
+            'an upsampler\'s constructor arguments need "small_size", the low-res input size '
+            "(the original SuperResModel takes it only at sampling time, so it cannot be "
+            f'inferred): add e.g. "small_size": {int(ctor["image_size"]) // 4} for a 4x upsampler'
+        )
     ctor.setdefault("in_channels", 3)
     ctor.setdefault("attention_resolutions", ())
     ctor["attention_resolutions"] = tuple(int(a) for a in ctor["attention_resolutions"])

@@ -81,7 +81,7 @@ def trajectory_parity(
     n_classes = pipe.num_classes
     y = None if n_classes is None else rng.integers(0, n_classes, batch).astype(np.int64)
     if scale is None:
-        scale = float(pipe.manifest.sampling.get("scale") or 0.0) if pipe._clf else 0.0
+        scale = pipe.default_scale
     size = base["image_size"]
     diff = base["diffusion"]
     schedule = make_schedule(diff["noise_schedule"], diff["diffusion_steps"], steps)
@@ -93,8 +93,8 @@ def trajectory_parity(
         if scale and "classifier" in models
         else None
     )
-    unet_eng = pipe._unet_fn(y if "y" in pipe._unet.backend.inputs else None)
-    grad_eng = pipe._grad_fn(y, scale) if grad_ref is not None else None
+    unet_eng = pipe.unet_fn(y if "y" in pipe.engine("unet").inputs else None)
+    grad_eng = pipe.grad_fn(y, scale) if grad_ref is not None else None
     rows = []
     finals = {}
     for case in cases:
@@ -105,7 +105,7 @@ def trajectory_parity(
         finals[case] = (a[2], b[2])
         label = f"{case} guided (scale {scale:g})" if grad_ref is not None else f"{case} unguided"
         rows.append(_row(label, precision, steps, a, b, tol))
-    if "cascade" in cases and pipe._up is not None and "upsampler" in models:
+    if "cascade" in cases and pipe.has_upsampler and "upsampler" in models:
         up = pipe.upsampler_info
         low_res = finals.get("ddim", (None, None))[0]
         if low_res is None:
@@ -120,7 +120,7 @@ def trajectory_parity(
                  up_schedule, up["diffusion"]["learn_sigma"], None, None)  # fmt: skip
         b = _run(
             "ddim",
-            pipe._up_fn(low_res, y_up),
+            pipe.upsampler_fn(low_res, y_up),
             up_T,
             up_schedule,
             up["diffusion"]["learn_sigma"],

@@ -25,11 +25,10 @@ import tempfile
 from pathlib import Path
 
 import runtime
-from runtime.manifest import Artifact, Manifest, ManifestError, TensorSpec
-from runtime.pipeline import NEAREST_PRECISIONS
+from runtime.manifest import NEAREST_PRECISIONS, Artifact, Manifest, ManifestError, TensorSpec
+from runtime.roles import ENGINE_ROLES
 
-ROLES = ("unet", "classifier_grad", "upsampler")
-MODEL_NAMES = {role: f"gd_{role}" for role in ROLES} | {"sampler": "gd_sampler"}
+MODEL_NAMES = {role: f"gd_{role}" for role in ENGINE_ROLES} | {"sampler": "gd_sampler"}
 TRITON_DTYPES = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
@@ -76,7 +75,7 @@ def pick_artifacts(
             f"from that list, or run `gdexport build -o {manifest.folder} --fp16` first"
         )
     chosen = {"unet": unet}
-    for role in ("classifier_grad", "upsampler"):
+    for role in ENGINE_ROLES[1:]:
         for p in NEAREST_PRECISIONS[unet.precision]:
             if (a := manifest.artifact(role, p, unet.backend)) is not None:
                 chosen[role] = a

@@ -12,7 +12,8 @@ its own generator seeded (s, j), so results do not depend on the batch size or o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,6 @@ from runtime.sampling import NonFiniteError, sample_ddim, sample_ddpm
 from runtime.schedule import make_schedule, truncate
 
 SAMPLERS = ("ddim", "ddpm")
-NEAREST_PRECISIONS = {
-    "int8": ("int8", "fp16", "fp32"),
-    "fp16": ("fp16", "fp32"),
-    "fp32": ("fp32", "fp16"),
-}
 # Separate generator streams per sample, so adding a stage never shifts another's noise.
 _STREAM_BASE, _STREAM_LABEL, _STREAM_UP = 0, 1, 2
 
@@ -109,7 +105,7 @@ class Pipeline:
     @classmethod
     def from_manifest(
         cls,
-        path: str | Path,
+        path: str | Path | Manifest,
         *,
         engine: str | Path | None = None,
         classifier: str | Path | bool | None = None,
@@ -124,7 +120,10 @@ class Pipeline:
         None for the build's own artefact of the same precision and backend as the UNet engine.
         Every file is checked against the manifest's sha256 before it is loaded.
         """
-        manifest = Manifest.load(engine or path)
+        if isinstance(path, Manifest):
+            manifest, path = path, path.folder
+        else:
+            manifest = Manifest.load(engine or path)
         if "unet" not in manifest.components:
             raise ManifestError(f"the build in {manifest.folder} has no UNet; export one first")
         if engine is None and not Path(path).is_dir() and Path(path).name != "manifest.json":
@@ -148,13 +147,7 @@ class Pipeline:
                 if art.role != role:
                     raise ManifestError(f"{art.file} is a {art.role} engine, not a {role}")
                 return art
-            # The UNet's precision first, else the nearest one (an int8 build whose gradient
-            # did not hold up quantised falls back to fp16 before fp32).
-            for prec in NEAREST_PRECISIONS.get(unet_art.precision, (unet_art.precision,)):
-                art = manifest.artifact(role, prec, unet_art.backend)
-                if art is not None:
-                    return art
-            return manifest.artifact(role, None, unet_art.backend) or manifest.artifact(role)
+            return manifest.nearest(role, unet_art.precision, unet_art.backend)
 
         clf_art = pick("classifier_grad", classifier)
         up_art = pick("upsampler", upsampler)
@@ -216,9 +209,43 @@ class Pipeline:
         ]
         return min(a.batch["max"] for a in arts)
 
+    @property
+    def has_classifier(self) -> bool:
+        return self._clf is not None
+
+    @property
+    def has_upsampler(self) -> bool:
+        return self._up is not None
+
+    @property
+    def default_scale(self) -> float:
+        """The manifest's guidance scale where there is a classifier, else 0 (unguided)."""
+        return float(self.manifest.sampling.get("scale") or 0.0) if self._clf is not None else 0.0
+
+    def engine(self, role: str) -> Backend | None:
+        """The backend running a role ("unet", "classifier_grad", "upsampler"), None if absent."""
+        timed = {"unet": self._unet, "classifier_grad": self._clf, "upsampler": self._up}[role]
+        return None if timed is None else timed.backend
+
+    @contextmanager
+    def wrapped_engines(self, wrap: Callable[[str, Backend], Backend]) -> Iterator[None]:
+        """Within the block, every engine call goes through `wrap(role, backend)` (a Backend,
+        e.g. one recording its feeds for calibration, or one perturbing outputs in a test);
+        the engines are restored after."""
+        timed = {"unet": self._unet, "classifier_grad": self._clf, "upsampler": self._up}
+        saved = {role: t.backend for role, t in timed.items() if t is not None}
+        try:
+            for role, backend in saved.items():
+                timed[role].backend = wrap(role, backend)
+            yield
+        finally:
+            for role, backend in saved.items():
+                timed[role].backend = backend
+
     # -- model callables ------------------------------------------------------------------------
 
-    def _unet_fn(self, y: np.ndarray | None) -> Callable:
+    def unet_fn(self, y: np.ndarray | None) -> Callable:
+        """eps_fn(x, t) over the UNet engine (labels `y` (B,) int64 where it is conditional)."""
         wants_y = "y" in self._unet.backend.inputs
         feeds: dict[str, np.ndarray] = {}
         if wants_y:
@@ -230,7 +257,8 @@ class Pipeline:
 
         return call
 
-    def _grad_fn(self, y: np.ndarray, scale: float) -> Callable:
+    def grad_fn(self, y: np.ndarray, scale: float) -> Callable:
+        """grad_fn(x, t) = scale * d log p(y | x_t) / d x_t over the classifier gradient engine."""
         # Graphs exported since the Triton work take one scale per sample; older ones a scalar.
         per_sample = len(self._clf.backend.inputs["scale"].shape) == 1
         s = np.full(len(y), scale, np.float32) if per_sample else np.asarray(scale, np.float32)
@@ -242,7 +270,8 @@ class Pipeline:
 
         return call
 
-    def _up_fn(self, low_res: np.ndarray, y: np.ndarray | None) -> Callable:
+    def upsampler_fn(self, low_res: np.ndarray, y: np.ndarray | None) -> Callable:
+        """eps_fn(x, t) over the upsampler engine, conditioned on `low_res` (B, 3, h, w)."""
         feeds = {"low_res": low_res}
         if "y" in self._up.backend.inputs:
             feeds["y"] = y
@@ -387,8 +416,8 @@ class Pipeline:
                     x0s.append(info["pred_xstart"].copy())
 
             base = self._run_stage(
-                "unet", sampler, self._unet_fn(y), x_T, schedule, eta, noise, callback,
-                grad_fn=self._grad_fn(y, scale) if scale else None,
+                "unet", sampler, self.unet_fn(y), x_T, schedule, eta, noise, callback,
+                grad_fn=self.grad_fn(y, scale) if scale else None,
             )  # fmt: skip
             if grayscale:
                 base = _to_grey(base)
@@ -455,7 +484,7 @@ class Pipeline:
             ).astype(np.float32)
         noise = lambda k, shp, rngs=rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
         return self._run_stage(
-            "upsampler", sampler, self._up_fn(low_res, y), x_T, schedule, eta, noise, None
+            "upsampler", sampler, self.upsampler_fn(low_res, y), x_T, schedule, eta, noise, None
         )
 
     def upsample(

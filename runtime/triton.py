@@ -27,8 +27,7 @@ import numpy as np
 from runtime.backends import BackendError, check_feeds
 from runtime.manifest import Artifact, Manifest, TensorSpec
 from runtime.pipeline import Pipeline, SamplingError
-
-ROLES = ("unet", "classifier_grad", "upsampler")
+from runtime.roles import ENGINE_ROLES as ROLES  # noqa: E402
 
 
 class BlsBackend:

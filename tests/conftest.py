@@ -104,3 +104,23 @@ def reference_models() -> dict:
 import os  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# `int8_build`: `gdexport build --int8` on a fresh copy of the session build, which records its
+# own calibration set first (2 trajectories, "ddim4").
+INT8_ARGS = ("--calib-samples", "2", "--calib-steps", "ddim4", "--trajectory-steps", "4")
+
+
+@pytest.fixture(scope="session")
+def int8_build(build_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(build folder, CLI output) of `gdexport build --int8 -o COPY --backend onnxruntime ...`."""
+    from click.testing import CliRunner
+
+    from export.cli import main
+    from tests.builds import copy_build
+
+    out = copy_build(build_dir, tmp_path_factory.mktemp("int8") / "build")
+    args = ["build", "--int8", "-o", str(out), "--backend", "onnxruntime", *INT8_ARGS]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output

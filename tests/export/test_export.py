@@ -18,7 +18,6 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from export import exporter  # noqa: E402
 from export.exporter import ExportError, export_build  # noqa: E402
 from export.loading import CheckpointError, build_model  # noqa: E402
 from export.onnx_export import classifier_gradient  # noqa: E402
@@ -255,14 +254,16 @@ def test_manifest_is_written_last_over_complete_files(build_dir, tmp_path, monke
     out = tmp_path / "build"
     monkeypatch.setattr("export.onnx_export.export_onnx", FakeExport(build_dir))
     seen = {}
-    real_write = exporter.write_json_atomic
+    import runtime.manifest as manifest_module
+
+    real_write = manifest_module.write_json_atomic
 
     def spy(path, data):
         # At this moment every graph is in place under its final name, and no manifest exists.
         seen["files"] = _snapshot(Path(path).parent)
         real_write(path, data)
 
-    monkeypatch.setattr(exporter, "write_json_atomic", spy)
+    monkeypatch.setattr(manifest_module, "write_json_atomic", spy)
     manifest = make_build(out)
     staged = {n for n in seen["files"] if n.startswith(".staging-")}
     assert set(seen["files"]) - staged == set(EXPECTED_FILES)

@@ -410,7 +410,7 @@ def test_a_tiny_unet_engine_matches_onnx_runtime(tmp_path, cuda_graph):
     import torch
 
     from export import build_model
-    from export.exporter import graph_io
+    from export.graphs import graph_io
     from export.onnx_export import export_onnx
     from runtime.backends.onnxruntime import OrtBackend
     from runtime.backends.tensorrt import TrtBackend

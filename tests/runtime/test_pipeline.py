@@ -229,9 +229,9 @@ def test_engine_feeds_are_checked(pipe):
     x = np.zeros((BATCH_MAX + 1, 3, SIZE, SIZE), np.float32)
     t = np.zeros(BATCH_MAX + 1, np.int64)
     with pytest.raises(BackendError, match=r"batch 17 is outside the engine's range 1\.\.16"):
-        pipe._unet.backend({"x": x, "t": t, "y": t})
+        pipe.engine("unet")({"x": x, "t": t, "y": t})
     with pytest.raises(BackendError, match=r"input 't' must be int64, got int32"):
-        pipe._unet.backend({"x": x[:1], "t": t[:1].astype(np.int32), "y": t[:1]})
+        pipe.engine("unet")({"x": x[:1], "t": t[:1].astype(np.int32), "y": t[:1]})
 
 
 def test_engine_paths_outside_the_build_or_of_another_role_are_refused(build_dir):
