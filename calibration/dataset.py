@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from runtime.manifest import Manifest, sha256_of, write_bytes_atomic, write_json_atomic
+from runtime.progress import progress_bar
+from runtime.roles import ENGINE_ROLES as ROLES
 from runtime.schedule import make_schedule
 
 CALIBRATION_DIR = "calibration"
@@ -41,7 +42,6 @@ INDEX_NAME = "index.json"
 FORMAT = "gdexport-calibration"
 VERSION = 1
 # Engine roles whose feeds are recorded, in the order the pipeline calls them.
-from runtime.roles import ENGINE_ROLES as ROLES  # noqa: E402
 
 
 class CalibrationError(RuntimeError):
@@ -245,18 +245,6 @@ def _record_shard(pipe, first: int, n: int, config: CalibrationConfig, tick) -> 
     return arrays, {role: len(rec.calls) for role, rec in recorders.items() if rec.calls}
 
 
-def _progress_bar(total: int, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="calibration", unit="step", dynamic_ncols=True)
-
-
 DEFAULTS = {"samples": 16, "steps": "ddim25", "seed": 0, "shard_size": 4}
 
 
@@ -330,23 +318,17 @@ def record_calibration_set(
         _write_index(folder, index)
         if todo:
             per_shard = _steps_per_shard(pipe, config)
-            bar = _progress_bar(per_shard * len(todo), progress)
-            tick = (lambda: bar.update(1)) if bar is not None else None
-            try:
+            with progress_bar(per_shard * len(todo), "calibration steps", enabled=progress) as bar:
                 for done, (lo, n) in enumerate(todo, start=1):
-                    arrays, calls = _record_shard(pipe, lo, n, config, tick)
-                    if bar is not None:  # the upsampler may start late (SDEdit): true count
-                        per_shard = calls.get("unet", 0) + calls.get("upsampler", 0)
-                        bar.total = bar.n + per_shard * (len(todo) - done)
-                        bar.refresh()
+                    arrays, calls = _record_shard(pipe, lo, n, config, bar.update)
+                    # the upsampler may start late (SDEdit): the true count
+                    per_shard = calls.get("unet", 0) + calls.get("upsampler", 0)
+                    bar.total = bar.done + per_shard * (len(todo) - done)
                     name = f"shard-{lo // shard_size:05d}.npz"
                     _write_npz_atomic(folder / name, arrays)
                     kept[lo] = ShardInfo(name, lo, n, sha256_of(folder / name), calls)
                     index.shards = list(kept.values())
                     _write_index(folder, index)
-            finally:
-                if bar is not None:
-                    bar.close()
     return CalibrationSet(folder, config, [kept[lo] for lo, _ in wanted])
 
 

@@ -65,6 +65,62 @@ class _Timed:
         return out
 
 
+@dataclass
+class _Plan:
+    """A sampling run's checked arguments (see `Pipeline.sample`)."""
+
+    labels: np.ndarray | None
+    up_labels: np.ndarray | None
+    n: int
+    batch: int
+    scale: float
+    sampler: str
+    eta: float
+    seed: int
+    first: int
+    schedule: Any
+    shape: tuple[int, int, int]
+    init_noise: np.ndarray | None
+    step_noise: np.ndarray | None
+    up_schedule: Any
+    up_start_t: int | None
+    grayscale: bool
+
+
+def _count(name: str, value, *, minimum: int = 1) -> int:
+    """An integer argument >= minimum; floats, bools and strings are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SamplingError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise SamplingError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SamplingError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(v):
+        raise SamplingError(f"{name} must be a finite number, got {value!r}")
+    return v
+
+
+def _int_labels(labels) -> np.ndarray:
+    """(N,) int64 class ids; refuses empty, non-integer (e.g. 1.5 or 2.0) and non-1-D labels."""
+    a = np.asarray(labels)
+    if a.size == 0:
+        raise SamplingError("labels is empty: give at least one class id, or num_samples instead")
+    if a.dtype.kind not in "iu":
+        raise SamplingError(
+            f"labels must be integer class ids, got {a.dtype} values such as {a.reshape(-1)[0]!r}: "
+            f"pass ints (a float label is refused rather than truncated)"
+        )
+    if a.ndim > 1:
+        raise SamplingError(f"labels must be one class id per sample (1-D), got shape {a.shape}")
+    return a.astype(np.int64).reshape(-1)
+
+
 def _sample_rngs(seed: int, indices: Sequence[int], stream: int) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, j, stream]) for j in indices]
 
@@ -291,9 +347,13 @@ class Pipeline:
         seed: int,
         first: int,
     ) -> tuple[np.ndarray | None, int]:
+        """(labels (N,) int64 or None, N): the given labels checked, or `num_samples` labels
+        drawn per sample (seed, index) where the build has classes."""
         n_classes = self.num_classes
+        if num_samples is not None:
+            num_samples = _count("num_samples", num_samples)
         if labels is not None:
-            labels = np.asarray(labels, np.int64).reshape(-1)
+            labels = _int_labels(labels)
             if num_samples is not None and num_samples != len(labels):
                 if len(labels) == 1:
                     labels = np.repeat(labels, num_samples)
@@ -309,12 +369,16 @@ class Pipeline:
                     f"class {int(bad[0])} is out of range: this build has classes 0..{n_classes - 1}"
                 )
             return labels, len(labels)
-        if num_samples is None or num_samples < 1:
-            raise SamplingError(f"give labels or a positive number of samples (got {num_samples})")
+        if num_samples is None:
+            raise SamplingError("give labels or a positive number of samples")
         if n_classes is None:
             return None, num_samples
-        rngs = _sample_rngs(seed, range(first, first + num_samples), _STREAM_LABEL)
-        return np.array([r.integers(0, n_classes) for r in rngs], np.int64), num_samples
+        return self._drawn_labels(n_classes, seed, first, num_samples), num_samples
+
+    @staticmethod
+    def _drawn_labels(n_classes: int, seed: int, first: int, n: int) -> np.ndarray:
+        rngs = _sample_rngs(seed, range(first, first + n), _STREAM_LABEL)
+        return np.array([r.integers(0, n_classes) for r in rngs], np.int64)
 
     def sample(
         self,
@@ -343,12 +407,68 @@ class Pipeline:
         `init_noise` (N, C, H, W) and `step_noise` (K, N, C, H, W) reproduce a base trajectory.
         `upsampler_start_t` (default: the manifest's; 0 = the whole chain from noise) starts the
         upsampler at that timestep from its bilinear input noised to that level (SDEdit).
+        A class-conditional upsampler over an unconditional base gets labels drawn per sample
+        (returned in `labels`) when none are given.
         """
+        plan = self._plan(
+            labels, num_samples, batch, scale, steps, sampler, eta, seed, first_index,
+            init_noise, step_noise, upsample, upsampler_steps, upsampler_start_t,
+        )  # fmt: skip
+        t_start = time.perf_counter()
+        engine_s0 = self._engine_seconds()
+        base_out, up_out, trajs = [], [], []
+        for lo in range(0, plan.n, plan.batch):
+            hi = min(lo + plan.batch, plan.n)
+            base, up, traj = self._sample_batch(plan, lo, hi, save_trajectory)
+            base_out.append(base)
+            up_out.append(up)
+            trajs.append(traj)
+            if progress:
+                progress(hi, plan.n)
+        base_x = np.concatenate(base_out)
+        final_x = np.concatenate(up_out) if plan.up_schedule is not None else base_x
+        total = time.perf_counter() - t_start
+        engine = self._engine_seconds() - engine_s0
+        trajectory = None
+        if save_trajectory:
+            trajectory = {
+                "x": np.concatenate([t[0] for t in trajs], axis=1),
+                "pred_xstart": np.concatenate([t[1] for t in trajs], axis=1),
+                "t": plan.schedule.timestep_map[::-1].copy(),
+            }
+        return SampleResult(
+            images=to_uint8(final_x),
+            labels=plan.labels,
+            x=final_x,
+            base_images=to_uint8(base_x) if plan.up_schedule is not None else None,
+            timings={"total_s": total, "engine_s": engine, "overhead_s": total - engine},
+            trajectory=trajectory,
+        )
+
+    def _engine_seconds(self) -> float:
+        return sum(t.seconds for t in (self._unet, self._clf, self._up) if t)
+
+    def _plan(
+        self, labels, num_samples, batch, scale, steps, sampler, eta, seed, first_index,
+        init_noise, step_noise, upsample, upsampler_steps, upsampler_start_t,
+    ) -> _Plan:  # fmt: skip
+        """Every argument checked, with the manifest's defaults filled in."""
         if sampler not in SAMPLERS:
             raise SamplingError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        seed = _count("seed", seed, minimum=0)
+        first_index = _count("first_index", first_index, minimum=0)
+        eta = _finite("eta", eta)
+        if not 0.0 <= eta <= 1.0:
+            raise SamplingError(
+                f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise), got {eta}"
+            )
         sampling = self.manifest.sampling
-        if scale is None:
-            scale = float(sampling.get("scale") or 0.0) if self._clf is not None else 0.0
+        scale = self.default_scale if scale is None else _finite("scale", scale)
+        if scale < 0:
+            raise SamplingError(
+                f"guidance scale must be >= 0 (0 = unguided), got {scale}: a negative scale "
+                f"steers samples away from their class"
+            )
         if scale and self._clf is None:
             raise SamplingError(
                 f"guidance scale {scale} needs a classifier: pass --classifier (the build's "
@@ -357,10 +477,13 @@ class Pipeline:
         labels, n = self.resolve_labels(labels, num_samples, seed, first_index)
         if scale and labels is None:
             raise SamplingError("classifier guidance needs labels")
-        batch = batch or min(n, self.batch_max)
+        batch = min(n, self.batch_max) if batch is None else _count("batch", batch)
         if not 1 <= batch <= self.batch_max:
             raise SamplingError(f"batch {batch} is outside the engines' range 1..{self.batch_max}")
-        steps = str(steps or sampling.get("respacing") or "250")
+        steps = sampling.get("respacing") or "250" if steps is None else steps
+        if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+            steps = str(_count("steps", steps, minimum=2))
+        steps = str(steps)
         base_diff = self.base["diffusion"]
         try:
             schedule = make_schedule(
@@ -368,8 +491,7 @@ class Pipeline:
             )
         except ValueError as e:
             raise SamplingError(f"--steps {steps!r}: {e}") from None
-        size = self.base["image_size"]
-        shape = (3, size, size)
+        shape = (3, self.base["image_size"], self.base["image_size"])
         if init_noise is not None and init_noise.shape != (n, *shape):
             raise SamplingError(f"init noise must have shape {(n, *shape)}, got {init_noise.shape}")
         k_steps = schedule.num_timesteps
@@ -378,81 +500,69 @@ class Pipeline:
                 f"step noise must have shape (steps, samples, C, H, W) = {(k_steps, n, *shape)}, "
                 f"got {step_noise.shape}"
             )
-        do_up = upsample and self._up is not None
-        if do_up:
+        up_schedule = up_labels = None
+        if upsample and self._up is not None:
             up_schedule, upsampler_start_t = self._upsampler_schedule(
                 upsampler_steps or sampling.get("upsampler_respacing") or steps, upsampler_start_t
             )
+            if "y" in self._up.backend.inputs:
+                if labels is None:  # an unconditional base before a class-conditional upsampler
+                    n_up = int(self.upsampler_info["num_classes"])
+                    labels = self._drawn_labels(n_up, seed, first_index, n)
+                elif self.upsampler_info.get("num_classes") is not None:
+                    n_up = int(self.upsampler_info["num_classes"])
+                    if labels.max() >= n_up:
+                        raise SamplingError(
+                            f"class {int(labels.max())} is out of the upsampler's range 0..{n_up - 1}"
+                        )
+                up_labels = labels
+        return _Plan(
+            labels=labels, up_labels=up_labels, n=n, batch=batch, scale=scale, sampler=sampler,
+            eta=eta, seed=seed, first=first_index, schedule=schedule, shape=shape,
+            init_noise=init_noise, step_noise=step_noise, up_schedule=up_schedule,
+            up_start_t=upsampler_start_t, grayscale=bool(sampling.get("grayscale")),
+        )  # fmt: skip
+
+    def _sample_batch(self, plan: _Plan, lo: int, hi: int, save_trajectory: bool):
+        """Samples [lo, hi) of the plan: (base x, upsampled x or None, (x_t, x0) or None)."""
+        idx = range(plan.first + lo, plan.first + hi)
+        y = None if plan.labels is None else np.ascontiguousarray(plan.labels[lo:hi])
+        rngs = _sample_rngs(plan.seed, idx, _STREAM_BASE)
+        if plan.init_noise is not None:
+            x_T = plan.init_noise[lo:hi].astype(np.float32)
+        else:
+            x_T = _stacked_normal(rngs, plan.shape)
+        if plan.step_noise is not None:
+            noise: Any = np.ascontiguousarray(plan.step_noise[:, lo:hi], np.float32)
+        else:
+            noise = lambda k, shp, rngs=rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
+        xs: list[np.ndarray] = []
+        x0s: list[np.ndarray] = []
+
+        def record(info):
+            xs.append(info["x"].copy())
+            x0s.append(info["pred_xstart"].copy())
+
+        unet_y = y if "y" in self._unet.backend.inputs else None
+        base = self._run_stage(
+            "unet", plan.sampler, self.unet_fn(unet_y), x_T, plan.schedule, plan.eta, noise,
+            record if save_trajectory else None,
+            grad_fn=self.grad_fn(y, plan.scale) if plan.scale else None,
+        )  # fmt: skip
         # A model trained on grey images replicated into RGB: its samples are projected back.
-        grayscale = bool(sampling.get("grayscale"))
-        t_start = time.perf_counter()
-        engine_s0 = sum(t.seconds for t in (self._unet, self._clf, self._up) if t)
-        base_out, up_out, traj = (
-            [],
-            [],
-            {"x": [], "pred_xstart": [], "t": None} if save_trajectory else None,
-        )
-        done = 0
-        for lo in range(0, n, batch):
-            hi = min(lo + batch, n)
-            idx = range(first_index + lo, first_index + hi)
-            y = None if labels is None else np.ascontiguousarray(labels[lo:hi])
-            rngs = _sample_rngs(seed, idx, _STREAM_BASE)
-            x_T = (
-                init_noise[lo:hi].astype(np.float32)
-                if init_noise is not None
-                else _stacked_normal(rngs, shape)
-            )
-            if step_noise is not None:
-                noise: Any = np.ascontiguousarray(step_noise[:, lo:hi], np.float32)
-            else:
-                noise = lambda k, shp, rngs=rngs: _stacked_normal(rngs, shp[1:])  # noqa: E731
-            callback = None
-            if traj is not None:
-                xs, x0s = [], []
-
-                def callback(info, xs=xs, x0s=x0s):
-                    xs.append(info["x"].copy())
-                    x0s.append(info["pred_xstart"].copy())
-
-            base = self._run_stage(
-                "unet", sampler, self.unet_fn(y), x_T, schedule, eta, noise, callback,
-                grad_fn=self.grad_fn(y, scale) if scale else None,
+        if plan.grayscale:
+            base = _to_grey(base)
+        up = None
+        if plan.up_schedule is not None:
+            up_y = None if plan.up_labels is None else np.ascontiguousarray(plan.up_labels[lo:hi])
+            up = self._upsample_batch(
+                base, up_y, plan.up_schedule, plan.up_start_t, plan.sampler, plan.eta,
+                plan.seed, idx,
             )  # fmt: skip
-            if grayscale:
-                base = _to_grey(base)
-            base_out.append(base)
-            if traj is not None:
-                traj["x"].append(np.stack(xs))
-                traj["pred_xstart"].append(np.stack(x0s))
-            if do_up:
-                up = self._upsample_batch(
-                    base, y, up_schedule, upsampler_start_t, sampler, eta, seed, idx
-                )
-                up_out.append(_to_grey(up) if grayscale else up)
-            done = hi
-            if progress:
-                progress(done, n)
-        base_x = np.concatenate(base_out)
-        final_x = np.concatenate(up_out) if do_up else base_x
-        total = time.perf_counter() - t_start
-        engine = sum(t.seconds for t in (self._unet, self._clf, self._up) if t) - engine_s0
-        timings = {"total_s": total, "engine_s": engine, "overhead_s": total - engine}
-        trajectory = None
-        if traj is not None:
-            trajectory = {
-                "x": np.concatenate(traj["x"], axis=1),
-                "pred_xstart": np.concatenate(traj["pred_xstart"], axis=1),
-                "t": schedule.timestep_map[::-1].copy(),
-            }
-        return SampleResult(
-            images=to_uint8(final_x),
-            labels=labels,
-            x=final_x,
-            base_images=to_uint8(base_x) if do_up else None,
-            timings=timings,
-            trajectory=trajectory,
-        )
+            if plan.grayscale:
+                up = _to_grey(up)
+        traj = (np.stack(xs), np.stack(x0s)) if save_trajectory else None
+        return base, up, traj
 
     def _upsampler_schedule(self, steps, start_t):
         """The upsampler's respaced schedule, truncated at `start_t` (None: the manifest's)."""
@@ -465,6 +575,14 @@ class Pipeline:
             raise SamplingError(f"upsampler steps {steps!r}: {e}") from None
         if start_t is None:
             start_t = self.manifest.sampling.get("upsampler_start_t")
+        if start_t is not None:
+            start_t = _count("upsampler_start_t", start_t, minimum=0)
+            if start_t >= up_diff["diffusion_steps"]:
+                raise SamplingError(
+                    f"upsampler start timestep {start_t} is past the upsampler's "
+                    f"{up_diff['diffusion_steps']} diffusion steps: use 0..{up_diff['diffusion_steps'] - 1} "
+                    f"(0 = the whole chain from noise)"
+                )
         if start_t:
             try:
                 schedule = truncate(schedule, int(start_t))

@@ -1,70 +1,119 @@
 """`python -m runtime.sample --engine BUILD/unet.onnx --out samples/`: guided sampling from a build.
 
-Writes a PNG grid, one PNG per sample and `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels: the
-layout the guided-diffusion evaluator reads). Nothing is written when an argument is wrong; files
-appear under their final names only once complete.
+Writes a PNG grid, one PNG per sample, `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels: the
+layout the guided-diffusion evaluator reads) and `sample_run.json` (what was run). A run owns its
+output folder: everything is written to a staging folder beside it and swapped in whole at the
+end, so a folder never mixes two runs and a failed run (a bad argument, a full disk) leaves the
+previous one untouched. A non-empty folder that is not an earlier run's output is refused
+unless `--overwrite`.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 from runtime.backends import BackendError
 from runtime.images import grid, png_bytes
-from runtime.manifest import ManifestError, write_bytes_atomic
+from runtime.manifest import MANIFEST_NAME, ManifestError, write_bytes_atomic
 from runtime.pipeline import Pipeline, SamplingError
+from runtime.progress import progress_bar
 from runtime.sampling import NonFiniteError
 
+RUN_RECORD = "sample_run.json"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m runtime.sample",
-        description="Guided DDIM / DDPM sampling over a gdexport build (ONNX Runtime or TensorRT).",
+
+@click.command(
+    name="python -m runtime.sample",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Guided DDIM / DDPM sampling over a gdexport build (ONNX Runtime or TensorRT).",
+)
+@click.option(
+    "--engine", required=True, help="the UNet engine (.onnx or .plan) or the build folder"
+)
+@click.option("--classifier", help="classifier_grad engine (default: the build's, if any)")
+@click.option("--no-classifier", is_flag=True, help="sample unguided")
+@click.option("--upsampler", help="upsampler engine for the cascade (default: the build's)")
+@click.option("--no-upsampler", is_flag=True, help="stop after the base stage")
+@click.option(
+    "--scale", type=float, help="classifier guidance scale >= 0 (default: the manifest's)"
+)
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", help="respacing: 25, ddim25, 250, '10,5,3' (default: the manifest's)")
+@click.option("--upsampler-steps", help="respacing of the upsampler stage")
+@click.option(
+    "--upsampler-start-t", type=int,
+    help="start the upsampler from its noised bilinear input at this timestep (default: the "
+    "manifest's; 0 = the whole chain from noise)",
+)  # fmt: skip
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta in [0, 1]")
+@click.option("--class", "class_", type=int, help="one class for every sample")
+@click.option("--classes", help="comma-separated class ids, one per sample")
+@click.option(
+    "--num-samples", type=int, help="number of samples (default: 16, or one per --classes)"
+)
+@click.option("--batch", type=int, help="samples per engine call (default: as many as fit)")
+@click.option("--seed", type=int, default=0, show_default=True, help="a non-negative integer")
+@click.option("--shard", help="I/N: this process takes the I-th of N equal seed ranges")
+@click.option("--init-noise", type=click.Path(path_type=Path), help=".npy (N,C,H,W) initial noise")
+@click.option("--step-noise", type=click.Path(path_type=Path), help=".npy (K,N,C,H,W) step noise")
+@click.option(
+    "--save-trajectory", type=click.Path(path_type=Path),
+    help=".npz file of x_t and the x0 prediction per step",
+)  # fmt: skip
+@click.option(
+    "--backend", type=click.Choice(["onnxruntime", "tensorrt"]), help="default: from the file"
+)
+@click.option("--providers", help="ONNX Runtime execution providers, comma-separated")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
+    help="output folder (replaced whole by this run)",
+)  # fmt: skip
+@click.option(
+    "--overwrite", is_flag=True, help="replace --out even if it holds files of something else"
+)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary")
+def cli(**kw) -> None:
+    summary = run(kw)
+    if kw["as_json"]:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    t = summary["timings"]
+    names = ", ".join(Path(f).name for f in summary["files"])
+    click.echo(f"wrote {summary['num_samples']} samples to {kw['out']} ({names})")
+    click.echo(
+        f"engines: {summary['engines']}; {t['total_s']:.2f} s sampling "
+        f"({t['engine_s']:.2f} s in engines)"
     )
-    p.add_argument(
-        "--engine", required=True, help="the UNet engine (.onnx or .plan) or the build folder"
-    )
-    p.add_argument("--classifier", help="classifier_grad engine (default: the build's, if any)")
-    p.add_argument("--no-classifier", action="store_true", help="sample unguided")
-    p.add_argument("--upsampler", help="upsampler engine for the cascade (default: the build's)")
-    p.add_argument("--no-upsampler", action="store_true", help="stop after the base stage")
-    p.add_argument(
-        "--scale", type=float, help="classifier guidance scale (default: the manifest's)"
-    )
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", help="respacing: 25, ddim25, 250, '10,5,3' (default: the manifest's)")
-    p.add_argument("--upsampler-steps", help="respacing of the upsampler stage")
-    p.add_argument("--upsampler-start-t", type=int,
-                   help="start the upsampler from its noised bilinear input at this timestep "
-                   "(default: the manifest's; 0 = the whole chain from noise)")  # fmt: skip
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--class", dest="class_", type=int, help="one class for every sample")
-    g.add_argument("--classes", help="comma-separated class ids, one per sample")
-    p.add_argument(
-        "--num-samples", type=int, help="number of samples (default: 16, or one per --classes)"
-    )
-    p.add_argument("--batch", type=int, help="samples per engine call (default: as many as fit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard", help="I/N: this process takes the I-th of N equal seed ranges")
-    p.add_argument("--init-noise", type=Path, help=".npy (N,C,H,W) initial noise")
-    p.add_argument("--step-noise", type=Path, help=".npy (K,N,C,H,W) per-step noise")
-    p.add_argument("--save-trajectory", type=Path, help=".npz of x_t and x0 prediction per step")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), help="default: from the file")
-    p.add_argument("--providers", help="ONNX Runtime execution providers, comma-separated")
-    p.add_argument(
-        "--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)"
-    )
-    p.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2 for bad input, with the reason on stderr)."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except (SamplingError, ManifestError, BackendError, NonFiniteError) as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    return 0
+
+
+# -- arguments ---------------------------------------------------------------------------------
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -86,8 +135,23 @@ def _shard(text: str, num_samples: int) -> tuple[int, int]:
     return first, max(0, min(per, num_samples - first))
 
 
-def _writable_out(out: Path) -> None:
-    """Fail early on an output folder that cannot be made or written, creating nothing."""
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise SamplingError(f"{name} must be a positive integer, got {value}")
+
+
+def _engine_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists() and not (path.parent / MANIFEST_NAME).is_file():
+        raise SamplingError(
+            f"--engine {text} does not exist: pass a build folder made by `gdexport build` "
+            f"(or an engine file inside one)"
+        )
+    return path
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Fail early on an output folder this run may not replace, creating nothing."""
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -95,6 +159,119 @@ def _writable_out(out: Path) -> None:
         raise SamplingError(f"cannot write to output folder {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SamplingError(f"cannot write to output folder {out}: {probe} is not writable")
+    if probe == out and not os.access(out.parent if out.parent.exists() else out, os.W_OK):
+        raise SamplingError(f"cannot replace output folder {out}: its parent is not writable")
+    if probe == out and any(out.iterdir()) and not (out / RUN_RECORD).is_file() and not overwrite:
+        raise SamplingError(
+            f"output folder {out} is not empty and is not the output of an earlier "
+            f"`runtime.sample` run: a run replaces its folder whole, so choose a new or empty "
+            f"--out, or pass --overwrite to replace {out} and everything in it"
+        )
+
+
+def _check_trajectory_path(path: Path) -> None:
+    if path.is_dir():
+        raise SamplingError(
+            f"--save-trajectory {path} is a folder: give a file name such as {path / 'traj.npz'}"
+        )
+    probe = path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SamplingError(f"cannot write --save-trajectory {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SamplingError(f"cannot write --save-trajectory {path}: {probe} is not writable")
+
+
+def _labels(kw) -> list[int] | None:
+    if kw["classes"] is None:
+        return None
+    try:
+        labels = [int(c) for c in kw["classes"].split(",")]
+    except ValueError:
+        raise SamplingError(
+            f"--classes takes comma-separated integers, got {kw['classes']!r}"
+        ) from None
+    return labels
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def run(kw: dict) -> dict:
+    """Check every argument, sample, then write the outputs (all or nothing)."""
+    if kw["class_"] is not None and kw["classes"] is not None:
+        raise SamplingError("--class and --classes exclude each other: give one")
+    for name in ("num_samples", "batch", "threads"):
+        _positive(f"--{name.replace('_', '-')}", kw[name])
+    labels = _labels(kw)
+    num = kw["num_samples"] if kw["num_samples"] is not None else len(labels) if labels else 16
+    if kw["class_"] is not None:
+        labels = [kw["class_"]] * num
+    first = 0
+    if kw["shard"]:
+        first, count = _shard(kw["shard"], num)
+        num = count
+        if labels is not None and len(labels) > 1:
+            labels = labels[first : first + count]
+    if num < 1:
+        raise SamplingError("nothing to sample: this shard of the samples is empty")
+    init = _load_npy(kw["init_noise"], "--init-noise") if kw["init_noise"] else None
+    step = _load_npy(kw["step_noise"], "--step-noise") if kw["step_noise"] else None
+    if kw["scale"] and kw["no_classifier"]:
+        raise SamplingError("--scale with --no-classifier: guidance needs the classifier")
+    engine = _engine_path(kw["engine"])
+    out: Path = kw["out"]
+    _check_out(out, kw["overwrite"])
+    if kw["save_trajectory"] is not None:
+        _check_trajectory_path(kw["save_trajectory"])
+    options = {}
+    if kw["providers"]:
+        options["providers"] = kw["providers"].split(",")
+    if kw["threads"]:
+        options["threads"] = kw["threads"]
+    t0 = time.perf_counter()
+    with Pipeline.from_manifest(
+        engine,
+        classifier=False if kw["no_classifier"] else kw["classifier"],
+        upsampler=False if kw["no_upsampler"] else kw["upsampler"],
+        backend=kw["backend"],
+        backend_options=options,
+    ) as pipe:
+        t_open = time.perf_counter() - t0
+        show = sys.stderr.isatty() and not kw["as_json"]
+        with progress_bar(num, "samples", enabled=show) as bar:
+            result = pipe.sample(
+                labels, num_samples=num, batch=kw["batch"], scale=kw["scale"],
+                steps=kw["steps"], sampler=kw["sampler"], eta=kw["eta"], seed=kw["seed"],
+                first_index=first, init_noise=init, step_noise=step,
+                upsampler_steps=kw["upsampler_steps"], upsampler_start_t=kw["upsampler_start_t"],
+                save_trajectory=kw["save_trajectory"] is not None,
+                progress=lambda done, n: bar.set(done),
+            )  # fmt: skip
+        engines = {"unet": pipe.unet_artifact.file}
+        if pipe.classifier_artifact:
+            engines["classifier"] = pipe.classifier_artifact.file
+        if pipe.upsampler_artifact:
+            engines["upsampler"] = pipe.upsampler_artifact.file
+    shard = None
+    if kw["shard"]:
+        i, n = (int(v) for v in kw["shard"].split("/"))
+        shard = {"shard": np.array([i, n], np.int64), "seed": np.array(kw["seed"], np.int64)}
+    summary = {
+        "num_samples": int(len(result.images)),
+        "labels": None if result.labels is None else result.labels.tolist(),
+        "engines": engines,
+        "seed": kw["seed"],
+        "timings": {"open_s": t_open, **result.timings},
+    }
+    files = write_outputs(out, result, first, shard, record=summary)
+    if kw["save_trajectory"] is not None:
+        tr = result.trajectory
+        path = kw["save_trajectory"]
+        _guard_space(path, lambda: _write_new(path, _npz_bytes(**tr)))
+        files.append(str(path))
+    return {"files": files, **summary}
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -105,155 +282,85 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def run(args: argparse.Namespace) -> dict:
-    labels = None
-    if args.classes:
-        try:
-            labels = [int(c) for c in args.classes.split(",")]
-        except ValueError:
+def _write_new(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+
+
+def _guard_space(what: Path, write) -> None:
+    """Run `write`; a full disk or quota becomes a SamplingError naming the file."""
+    try:
+        write()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SamplingError(
-                f"--classes takes comma-separated integers, got {args.classes!r}"
+                f"no space left on device writing {what}: nothing was written (an earlier "
+                f"output there is untouched); free some space or choose another --out"
             ) from None
-    num = args.num_samples or (len(labels) if labels else 16)
-    if args.class_ is not None:
-        labels = [args.class_] * num
-    first = 0
-    if args.shard:
-        first, count = _shard(args.shard, num)
-        num = count
-        if labels is not None and len(labels) > 1:
-            labels = labels[first : first + count]
-    if num < 1:
-        raise SamplingError(
-            "nothing to sample: --num-samples must be positive (or the shard is empty)"
-        )
-    init = _load_npy(args.init_noise, "--init-noise") if args.init_noise else None
-    step = _load_npy(args.step_noise, "--step-noise") if args.step_noise else None
-    if args.scale and args.no_classifier:
-        raise SamplingError("--scale with --no-classifier: guidance needs the classifier")
-    _writable_out(args.out)
-    if args.save_trajectory is not None:
-        _writable_out(args.save_trajectory.parent)
-    options = {}
-    if args.providers:
-        options["providers"] = args.providers.split(",")
-    if args.threads:
-        options["threads"] = args.threads
-    t0 = time.perf_counter()
-    with Pipeline.from_manifest(
-        args.engine,
-        classifier=False if args.no_classifier else args.classifier,
-        upsampler=False if args.no_upsampler else args.upsampler,
-        backend=args.backend,
-        backend_options=options,
-    ) as pipe:
-        t_open = time.perf_counter() - t0
-        progress = _progress_bar(num) if sys.stderr.isatty() and not args.json else None
-        result = pipe.sample(
-            labels,
-            num_samples=num,
-            batch=args.batch,
-            scale=args.scale,
-            steps=args.steps,
-            sampler=args.sampler,
-            eta=args.eta,
-            seed=args.seed,
-            first_index=first,
-            init_noise=init,
-            step_noise=step,
-            upsampler_steps=args.upsampler_steps,
-            upsampler_start_t=args.upsampler_start_t,
-            save_trajectory=args.save_trajectory is not None,
-            progress=progress,
-        )
-        engines = {"unet": pipe.unet_artifact.file}
-        if pipe.classifier_artifact:
-            engines["classifier"] = pipe.classifier_artifact.file
-        if pipe.upsampler_artifact:
-            engines["upsampler"] = pipe.upsampler_artifact.file
-    shard = None
-    if args.shard:
-        i, n = (int(v) for v in args.shard.split("/"))
-        shard = {"shard": np.array([i, n], np.int64), "seed": np.array(args.seed, np.int64)}
-    files = write_outputs(args.out, result, first, shard)
-    if args.save_trajectory is not None:
-        tr = result.trajectory
-        args.save_trajectory.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(
-            args.save_trajectory, _npz_bytes(x=tr["x"], pred_xstart=tr["pred_xstart"], t=tr["t"])
-        )
-        files.append(str(args.save_trajectory))
-    return {
-        "files": files,
-        "num_samples": int(len(result.images)),
-        "labels": None if result.labels is None else result.labels.tolist(),
-        "engines": engines,
-        "timings": {"open_s": t_open, **result.timings},
-    }
+        raise SamplingError(f"cannot write {what}: {e.strerror or e}") from None
 
 
-def write_outputs(out: Path, result, first: int = 0, shard: dict | None = None) -> list[str]:
-    """samples.npz, grid.png, one PNG per sample (and base_grid.png in a cascade).
+def write_outputs(
+    out: Path, result, first: int = 0, shard: dict | None = None, record: dict | None = None
+) -> list[str]:
+    """samples.npz, grid.png, one PNG per sample (and base_grid.png in a cascade), and the
+    run record, into a staging folder that then replaces `out` whole.
 
     A shard's samples.npz also holds `shard` ([I, N]), `seed` and `indices` (the global sample
     indices), which `gdexport merge-samples` checks; the evaluator reads only arr_0 / arr_1."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    arrays = {"arr_0": result.images}
-    if result.labels is not None:
-        arrays["arr_1"] = result.labels
-    if shard is not None:
-        arrays.update(shard, indices=np.arange(first, first + len(result.images), dtype=np.int64))
-    write_bytes_atomic(out / "samples.npz", _npz_bytes(**arrays))
-    files.append(str(out / "samples.npz"))
-    scale = max(1, 128 // result.images.shape[1])
-    write_bytes_atomic(out / "grid.png", png_bytes(grid(result.images, scale=scale)))
-    files.append(str(out / "grid.png"))
-    if result.base_images is not None:
-        bscale = max(1, 128 // result.base_images.shape[1])
-        write_bytes_atomic(out / "base_grid.png", png_bytes(grid(result.base_images, scale=bscale)))
-        files.append(str(out / "base_grid.png"))
-    for j, img in enumerate(result.images):
-        label = "" if result.labels is None else f"_class{int(result.labels[j])}"
-        name = out / f"sample_{first + j:06d}{label}.png"
-        write_bytes_atomic(name, png_bytes(img))
-    files.append(str(out / "sample_*.png"))
-    return files
-
-
-def _progress_bar(total: int):
-    start = time.perf_counter()
-
-    def show(done: int, n: int) -> None:
-        width = 30
-        fill = int(width * done / n)
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{n} samples, {rate:.2f}/s")
-        if done == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    out = Path(out)
+    parent = out.parent
+    _guard_space(parent, lambda: parent.mkdir(parents=True, exist_ok=True))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
     try:
-        summary = run(args)
-    except (SamplingError, ManifestError, BackendError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        t = summary["timings"]
-        print(
-            f"wrote {summary['num_samples']} samples to {args.out} ({', '.join(Path(f).name for f in summary['files'])})"
-        )
-        print(
-            f"engines: {summary['engines']}; {t['total_s']:.2f} s sampling ({t['engine_s']:.2f} s in engines)"
-        )
-    return 0
+        arrays = {"arr_0": result.images}
+        if result.labels is not None:
+            arrays["arr_1"] = result.labels
+        if shard is not None:
+            indices = np.arange(first, first + len(result.images), dtype=np.int64)
+            arrays.update(shard, indices=indices)
+        files = {"samples.npz": lambda: _npz_bytes(**arrays)}
+        scale = max(1, 128 // result.images.shape[1])
+        files["grid.png"] = lambda: png_bytes(grid(result.images, scale=scale))
+        if result.base_images is not None:
+            bscale = max(1, 128 // result.base_images.shape[1])
+            files["base_grid.png"] = lambda: png_bytes(grid(result.base_images, scale=bscale))
+        for j, img in enumerate(result.images):
+            label = "" if result.labels is None else f"_class{int(result.labels[j])}"
+            files[f"sample_{first + j:06d}{label}.png"] = lambda img=img: png_bytes(img)
+        files[RUN_RECORD] = lambda: (json.dumps(record or {}, indent=1) + "\n").encode()
+        for name, make in files.items():
+            _guard_space(
+                out / name, lambda name=name, make=make: (stage / name).write_bytes(make())
+            )
+        _guard_space(out, lambda: _swap_in(stage, out))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    listed = [str(out / n) for n in files if not n.startswith("sample_")]
+    return listed + [str(out / "sample_*.png")]
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace `out` by `stage`: the old folder is moved aside, the new one renamed in, the old
+    one removed. Both renames are within one folder, so each is atomic."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's are 0700; the folder is the user's output
+    old = None
+    if out.exists():
+        if not out.is_dir():
+            raise SamplingError(f"--out {out} is a file, not a folder")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

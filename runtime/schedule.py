@@ -84,6 +84,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int] | No
                 raise ValueError(
                     f"invalid timestep respacing {section_counts!r}: expected 'ddimN', e.g. 'ddim25'"
                 ) from None
+            if not 2 <= desired_count <= num_timesteps:
+                raise ValueError(
+                    f"invalid timestep respacing {section_counts!r}: 'ddimN' needs 2 <= N <= "
+                    f"{num_timesteps} (the model's diffusion steps), e.g. 'ddim25'"
+                )
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired_count:
                     return set(range(0, num_timesteps, stride))

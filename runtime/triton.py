@@ -27,7 +27,7 @@ import numpy as np
 from runtime.backends import BackendError, check_feeds
 from runtime.manifest import Artifact, Manifest, TensorSpec
 from runtime.pipeline import Pipeline, SamplingError
-from runtime.roles import ENGINE_ROLES as ROLES  # noqa: E402
+from runtime.roles import ENGINE_ROLES as ROLES
 
 
 class BlsBackend:

@@ -55,7 +55,7 @@ def test_cascade_writes_grid_pngs_and_npz(build_dir, tmp_path):
         "unet": "unet.onnx", "classifier": "classifier_grad.onnx", "upsampler": "upsampler.onnx"
     }  # fmt: skip
     pngs = [f"sample_{j:06d}_class{c}.png" for j, c in enumerate([1, 2, 3])]
-    names = {"samples.npz", "grid.png", "base_grid.png", *pngs}
+    names = {"samples.npz", "grid.png", "base_grid.png", "sample_run.json", *pngs}
     assert {p.name for p in out.iterdir()} == names  # and no temporary files
 
     with np.load(out / "samples.npz") as npz:
@@ -158,7 +158,7 @@ def _run_error(capsys, tmp_path, engine, *args) -> str:
 
 def test_missing_engine(capsys, tmp_path, build_copy):
     err = _run_error(capsys, tmp_path, tmp_path / "nowhere" / "unet.onnx", "--classes", "1")
-    assert f"no manifest.json in {tmp_path / 'nowhere'}" in err
+    assert f"--engine {tmp_path / 'nowhere' / 'unet.onnx'} does not exist" in err
     err = _run_error(capsys, tmp_path, build_copy / "unet2.onnx", "--classes", "1")
     assert "unet2.onnx is not listed in" in err and "unet.onnx" in err
     os.unlink(build_copy / "unet.onnx")

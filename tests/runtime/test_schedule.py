@@ -92,7 +92,10 @@ def test_section_counts():
     ("num", "spec", "message"),
     [
         (10, "ddim7", "exactly 7 steps out of 10"),
-        (1000, "ddim1001", "exactly 1001 steps"),
+        (1000, "ddim1001", r"'ddimN' needs 2 <= N <= 1000"),
+        (1000, "ddim0", r"'ddimN' needs 2 <= N <= 1000"),
+        (1000, "ddim-1", r"'ddimN' needs 2 <= N <= 1000"),
+        (1000, "ddim999", "exactly 999 steps"),
         (10, "20", "section 0 of 10 steps into 20"),
         (12, "10,5,3", "section 0 of 4 steps into 10"),
         (1000, "10-5-3", "comma-separated"),

@@ -612,6 +612,14 @@ def test_a_corrupt_plan_gives_a_clear_error(fakes, tmp_path):
         TrtBackend(tmp_path / "missing.plan")
 
 
+UNET_COMPONENT = {
+    "unet": {
+        "image_size": 4, "num_classes": None,
+        "diffusion": {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": False},
+    }
+}  # fmt: skip
+
+
 def manifest_entry(**extra) -> dict:
     spec = {"name": "x", "dtype": "float32", "shape": ["batch", 3, 4, 4]}
     return {
@@ -631,7 +639,8 @@ def test_a_plan_from_another_version_is_refused_before_deserialising(fakes, plan
     assert trt.deserialised == 0 and cudart.memory == {}
     # The same entry found in the manifest beside the plan.
     write_json_atomic(
-        plan.parent / "manifest.json", {"format": FORMAT, "version": VERSION, "artifacts": [entry]}
+        plan.parent / "manifest.json",
+        {"format": FORMAT, "version": VERSION, "components": UNET_COMPONENT, "artifacts": [entry]},
     )
     with pytest.raises(BackendError, match=f"gdexport build --fp16 -o {plan.parent} ..."):
         TrtBackend(plan)
