@@ -48,7 +48,8 @@ def load_component(component: str, source: ComponentSource) -> nn.Module:
     """The reference network of a component, from its checkpoint or seeded random weights."""
     kind = COMPONENT_KIND[component]
     if source.checkpoint is not None:
-        return load_model(source.spec, source.checkpoint, kind=kind)
+        flag = {"unet": "--preset"}.get(component, f"--{component}-preset")
+        return load_model(source.spec, source.checkpoint, kind=kind, flag=flag)
     spec = resolve_spec(source.spec, kind)
     torch.manual_seed(source.seed)
     return build_model(spec)

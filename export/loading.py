@@ -71,8 +71,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"refused to load {path}: it is a pickle that would run code or build objects other "
             f"than tensors, and gdexport loads checkpoints with weights_only=True. If you trust the "
-            f"file, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
-            f".state_dict(), 'clean.pt'). Detail: {str(e).splitlines()[0]}"
+            f"file, convert its tensors to safetensors in a separate Python session and pass that "
+            f"file: obj = torch.load(p, weights_only=False); sd = obj if isinstance(obj, dict) "
+            f"else obj.state_dict(); safetensors.torch.save_file({{k: v.contiguous() for k, v in "
+            f"sd.items()}}, 'model.safetensors'). Detail: {str(e).splitlines()[0]}"
         ) from None
     except (
         RuntimeError,
@@ -106,7 +108,9 @@ def _fitting_presets(sd: dict[str, torch.Tensor]) -> list[str]:
     return fits
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def check_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, flag: str = "--preset"
+) -> None:
     """Raise CheckpointError naming counts, missing / unexpected / misshapen tensors, a fitting preset."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
@@ -132,7 +136,7 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
         )
     fits = _fitting_presets(sd)
     if fits:
-        parts.append(f"did you mean --preset {' or '.join(fits)}?")
+        parts.append(f"did you mean {flag} {' or '.join(fits)}?")
     else:
         parts.append("no preset fits it: pass the MODEL_FLAGS it was trained with")
     raise CheckpointError("; ".join(parts))
@@ -143,10 +147,12 @@ def load_model(
     checkpoint: str | Path,
     *,
     kind: str | None = None,
+    flag: str = "--preset",
 ) -> nn.Module:
     """Build the network for `spec` and load `checkpoint` into it, unchanged; eval mode, fp32.
 
-    Raises CheckpointError / SpecError with the fix in the message."""
+    Raises CheckpointError / SpecError with the fix in the message (`flag`: the CLI option a
+    fitting preset is suggested for)."""
     sd = read_state_dict(checkpoint)
     if kind is None and isinstance(spec, str) and spec.strip().startswith("--"):
         # A MODEL_FLAGS string carries model and classifier flags alike: the file decides.
@@ -154,7 +160,7 @@ def load_model(
             kind = "classifier"
     with torch.device("meta"):
         meta = build_model(spec, kind=kind)
-    check_state_dict(meta, sd, str(checkpoint))
+    check_state_dict(meta, sd, str(checkpoint), flag)
     model = build_model(meta.spec)
     model.load_state_dict(sd)
     return model.eval()

@@ -130,9 +130,11 @@ def check_artifact(
             want = reference_output(role, model, feeds).astype(np.float64)
             if not (np.isfinite(got).all() and np.isfinite(want).all()):
                 finite = False
-            err = np.abs(got - want)
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite: recorded below
+                err = np.abs(got - want)
+                rel = err / (np.abs(want) + 1e-6)
             worst_abs = max(worst_abs, float(err.max()))
-            worst_rel = max(worst_rel, float((err / (np.abs(want) + 1e-6)).max()))
+            worst_rel = max(worst_rel, float(rel.max()))
             ref_max = max(ref_max, float(np.abs(want).max()))
             sum_abs += float(err.sum())
             count += err.size

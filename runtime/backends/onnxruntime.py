@@ -84,6 +84,12 @@ class OrtBackend:
             opt = path.with_name(ort_optimized["file"])
             if opt.is_file() and sha256_of(opt) == ort_optimized["sha256"]:
                 path = opt
+            else:
+                _warn_once(
+                    f"warning: {opt} is {'corrupt (sha256 mismatch)' if opt.is_file() else 'missing'}"
+                    f"; starting from {path.name} instead (slower to open, same results). "
+                    f"Rebuild the folder to restore it"
+                )
         providers = list(providers or ["CPUExecutionProvider"])
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -142,3 +148,15 @@ class OrtBackend:
 
 def _shape(shape) -> tuple[int | str, ...]:
     return tuple(d if isinstance(d, int) else "batch" for d in shape)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning on stderr, once per process and message (a pipeline opens engines per run)."""
+    import sys
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr)

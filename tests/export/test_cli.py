@@ -199,3 +199,69 @@ def test_trajectory_check_fails_an_engine_that_is_slightly_off(build_dir, refere
         with pipe.wrapped_engines(lambda role, b: Off(b) if role == "unet" else b):
             rows = trajectory_parity(pipe, reference_models, steps="5", cases=("ddim", "ddpm"))
     assert not any(r.passed for r in rows), [r.to_json() for r in rows]
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda d: d["artifacts"][0].pop("sha256"), "'sha256' is missing"),
+        (lambda d: d.pop("components"), "'components' is missing"),
+        (lambda d: d["sampling"].update(scale="abc"), "sampling.'scale' must be"),
+    ],
+)
+def test_check_and_info_refuse_a_malformed_manifest(build_copy, edit, fragment):
+    path = build_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    for cmd in ("check", "info"):
+        result = gdexport(cmd, build_copy)
+        _assert_error(result, fragment)
+        assert "Traceback" not in result.output
+
+
+def test_info_verifies_checksums(build_copy):
+    result = gdexport("info", build_copy)
+    assert result.exit_code == 0 and "sha256 ok" in result.output and "verified" in result.output
+    path = build_copy / "upsampler.onnx"
+    data = bytearray(path.read_bytes())
+    data[200] ^= 1
+    path.write_bytes(bytes(data))
+    result = gdexport("info", build_copy)
+    _assert_error(result, "sha256 MISMATCH", "upsampler.onnx does not match its manifest")
+
+
+def test_trajectory_check_with_non_finite_engines_is_a_clear_error(build_copy, monkeypatch):
+    import runtime.pipeline as pipeline
+
+    real = pipeline.Pipeline.unet_fn
+
+    def nan_unet(self, y):
+        fn = real(self, y)
+        return lambda x, t: fn(x, t) * np.float32("nan")
+
+    monkeypatch.setattr(pipeline.Pipeline, "unet_fn", nan_unet)
+    result = gdexport("check", build_copy, "--trajectory", "--steps", "3")
+    _assert_error(result, "give non-finite values along a sampling trajectory")
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupt_saved_optimised_graph_is_reported_once(build_dir, tmp_path, capsys):
+    """`*.ortopt.onnx` that fails its sha256 is not used, and stderr says so (once)."""
+    import shutil
+
+    from runtime.backends import onnxruntime as ort_backend
+    from runtime.pipeline import Pipeline
+
+    out = shutil.copytree(build_dir, tmp_path / "b")
+    res = gdexport("build", "--fp32", "-o", out, "--backend", "onnxruntime")
+    assert res.exit_code == 0, res.output
+    opt = out / "unet.ortopt.onnx"
+    assert opt.is_file()
+    opt.write_bytes(opt.read_bytes()[:-10] + b"0123456789")
+    ort_backend._WARNED.clear()
+    for _ in range(2):
+        with Pipeline.from_manifest(out, backend="onnxruntime") as pipe:
+            pipe.sample([1], steps="ddim2", upsample=False)
+    err = capsys.readouterr().err
+    assert err.count("unet.ortopt.onnx is corrupt (sha256 mismatch)") == 1

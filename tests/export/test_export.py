@@ -379,3 +379,66 @@ def test_bad_arguments_fail_before_writing(tmp_path, components, options, error,
     with pytest.raises(error, match=match):
         export_build(out, comps, log=lambda line: None, **options)
     assert not out.exists()
+
+
+# -- bad weights and interrupted builds ----------------------------------------------------------
+
+
+def test_a_nan_weight_fails_the_export_and_keeps_the_good_build(build_dir, tmp_path):
+    from export.exporter import ComponentSource
+
+    out = shutil.copytree(build_dir, tmp_path / "build")
+    before = _snapshot(out)
+    model = build_model(UNET)
+    sd = model.state_dict()
+    key = next(k for k in sd if k.endswith("in_layers.2.weight"))
+    sd[key].view(-1)[3] = float("nan")
+    ckpt = tmp_path / "nan.pt"
+    torch.save(sd, ckpt)
+    with pytest.raises(ExportError, match=rf"non-finite value\(s\) \(NaN or inf\) in {key}"):
+        export_build(out, {"unet": ComponentSource(UNET, ckpt)}, log=lambda line: None)
+    assert _snapshot(out) == before
+
+
+def test_non_finite_engine_outputs_fail_the_graph(build_dir, tmp_path, reference_models):
+    """Finite weights whose engine still gives inf (here: a huge weight overflowing) fail the loop."""
+    from export.graphs import EngineOptions, StagedGraph, finish_graph
+
+    model = build_model(UNET)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("out.2.weight")).fill_(3e38)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    from export.onnx_export import export_onnx
+
+    export_onnx("unet", model, staging / "unet.onnx", batch_max=4)
+    graph = StagedGraph("unet", "fp32", staging / "unet.onnx", tol=1e-4)
+    with pytest.raises(ExportError, match="non-finite outputs"):
+        finish_graph(graph, model, staging, {"min": 1, "opt": 1, "max": 4}, EngineOptions(),
+                     log=lambda line: None)  # fmt: skip
+
+
+def test_upsampler_constructor_arguments_need_small_size(tmp_path):
+    from export.exporter import ComponentSource
+
+    up = {k: v for k, v in SPECS["upsampler"].items() if k != "small_size"}
+    with pytest.raises(SpecError, match=r'need "small_size", the low-res input size'):
+        export_build(tmp_path / "b", {"upsampler": ComponentSource(up)}, log=lambda line: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_staging_left_by_a_killed_build_is_removed_by_the_next(build_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out = shutil.copytree(build_dir, tmp_path / "build")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = out / f".staging-{dead.stdout.strip()}-abc123"
+    stale.mkdir()
+    (stale / "unet.onnx").write_bytes(b"half-written")
+    mine = out / f".staging-{os.getpid()}-live"  # a running build's: left alone
+    mine.mkdir()
+    monkeypatch.setattr("export.onnx_export.export_onnx", FakeExport(build_dir))
+    make_build(out)
+    assert not stale.exists() and mine.exists()

@@ -168,3 +168,31 @@ def test_file_that_is_no_checkpoint(tmp_path, content):
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as e:
         load_model(UNET, path)
     assert str(path) in str(e.value) and "run code" not in str(e.value)
+
+
+def test_refused_pickle_suggests_a_safetensors_conversion_that_works(tmp_path):
+    """The suggested fix, run as written on a plain-dict checkpoint, gives a loadable file."""
+    path = tmp_path / "legacy.pt"
+    model = _randomised(UNET)
+    torch.save({**model.state_dict(), "payload": _RunsCode(tmp_path / "m")}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(UNET, path)
+    msg = str(e.value)
+    assert "safetensors" in msg and ".state_dict(), 'clean.pt'" not in msg
+    from safetensors.torch import save_file
+
+    obj = torch.load(path, weights_only=False)
+    sd = obj if isinstance(obj, dict) else obj.state_dict()
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    loaded = load_model(UNET, tmp_path / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_fitting_preset_hint_names_the_slot_option():
+    with torch.device("meta"):
+        model = build_model("adm-64")
+    released = _meta_state_dict("adm-128")
+    with pytest.raises(CheckpointError, match="did you mean --upsampler-preset adm-128"):
+        check_state_dict(model, released, "x.pt", "--upsampler-preset")

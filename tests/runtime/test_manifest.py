@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import stat
 
 import pytest
@@ -227,3 +228,96 @@ def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]  # no temporary file left
     write_json_atomic(path, {"a": 3})
     assert json.loads(path.read_text()) == {"a": 3}
+
+
+# -- validation: a malformed manifest names the key, never a raw KeyError / AttributeError ------
+
+
+def _edited(build_copy, edit) -> str:
+    """Apply `edit` to the copy's manifest data (a list it returns replaces it); the load error."""
+    path = build_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    result = edit(data)
+    data = result if isinstance(result, list) else data
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as e:
+        Manifest.load(build_copy)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["artifacts"][0].pop("sha256"), r"artifacts\[0\] \(unet.onnx\).'sha256' is missing"),
+        (lambda d: d.pop("components"), r"'components' is missing"),
+        (lambda d: d["components"]["unet"].pop("diffusion"), r"components.unet.'diffusion' is missing"),
+        (lambda d: d["sampling"].update(scale="abc"), r"sampling.'scale' must be int/float"),
+        (lambda d: d["sampling"].update(scale=-1), r"sampling.'scale' must be >= 0"),
+        (lambda d: [d], r"holds a JSON list, not an object"),
+        (lambda d: d["artifacts"][1].update(role="vae"), r"'role' must be one of unet"),
+        (lambda d: d["artifacts"][0].update(batch={"min": 4, "opt": 2, "max": 8}), r"1 <= min <= opt <= max"),
+        (lambda d: d["artifacts"][0].update(sha256="xyz"), r"must be 64 hex digits"),
+        (lambda d: d["components"]["upsampler"].pop("low_res_size"), r"'low_res_size' is missing"),
+    ],
+)  # fmt: skip
+def test_malformed_manifest_names_the_key(build_copy, edit, message):
+    err = _edited(build_copy, edit)
+    assert "rebuild the folder" in err
+    assert re.search(message, err), err
+
+
+def test_newer_manifest_version_says_a_newer_gdexport_wrote_it(build_copy):
+    err = _edited(build_copy, lambda d: d.update(version=d["version"] + 1))
+    assert "written by a newer gdexport" in err and "upgrade gdexport" in err
+
+
+@pytest.mark.parametrize("file", ["../other/unet.onnx", "/etc/passwd", "sub/../../unet.onnx"])
+def test_artefact_paths_outside_the_build_are_refused(build_copy, tmp_path, file):
+    """Even with a matching sha256: a manifest only names files of its own build."""
+    outside = tmp_path / "other"
+    outside.mkdir(exist_ok=True)
+    (outside / "unet.onnx").write_bytes((build_copy / "unet.onnx").read_bytes())
+    path = build_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["artifacts"][0]["file"] = file
+    path.write_text(json.dumps(data))
+    m = Manifest.load(build_copy)
+    with pytest.raises(ManifestError, match="not a path inside the build folder"):
+        m.verify(m.artifacts[0])
+
+
+def test_symlink_out_of_the_build_is_refused(build_copy, tmp_path):
+    target = tmp_path / "elsewhere.onnx"
+    os.replace(build_copy / "unet.onnx", target)  # same bytes, same sha256
+    os.symlink(target, build_copy / "unet.onnx")
+    m = Manifest.load(build_copy)
+    with pytest.raises(ManifestError, match="outside the build folder"):
+        m.verify(m.artifact("unet"))
+
+
+def test_the_writer_refuses_what_load_refuses(build_dir, tmp_path):
+    from runtime.manifest import ManifestWriter
+
+    w = ManifestWriter.of(Manifest.load(build_dir))
+    w.data["artifacts"][0]["file"] = "../escape.onnx"
+    with pytest.raises(ManifestError, match="not a path inside the build folder"):
+        w.commit(tmp_path)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+    w = ManifestWriter.of(Manifest.load(build_dir))
+    del w.data["components"]["unet"]["image_size"]
+    with pytest.raises(ManifestError, match="'image_size' is missing"):
+        w.commit(tmp_path)
+
+
+def test_trajectory_rows_are_replaced_per_precision_only(build_dir):
+    from runtime.manifest import ManifestWriter
+
+    w = ManifestWriter.of(Manifest.load(build_dir))
+    w.put_trajectories(["fp16"], [{"case": "a", "precision": "fp16"}])
+    w.put_trajectories(["int8"], [{"case": "b", "precision": "int8"}])
+    w.put_trajectories(["fp16"], [{"case": "c", "precision": "fp16"}])
+    assert {(r["case"], r["precision"]) for r in w.data["parity"]["trajectories"]} >= {
+        ("b", "int8"),
+        ("c", "fp16"),
+    }
+    assert not any(r["case"] == "a" for r in w.data["parity"]["trajectories"])

@@ -5,6 +5,8 @@ upsampler's initial noise from [s, j, 2]."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -267,3 +269,71 @@ def test_gradient_engine_falls_back_to_the_nearest_precision(build_copy):
         assert pipe.classifier_artifact.file == "classifier_grad.fp16.onnx"
     with Pipeline.from_manifest(build_copy, precision="fp32", upsampler=False) as pipe:
         assert pipe.classifier_artifact.file == "classifier_grad.onnx"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=0), r"num_samples must be >= 1, got 0"),
+        (dict(labels=[]), r"labels is empty"),
+        (dict(labels=[1.0, 2.5]), r"labels must be integer class ids, got float64"),
+        (dict(labels=np.array([2.0])), r"a float label is refused rather than truncated"),
+        (dict(labels=[1], steps=0), r"steps must be >= 2, got 0"),
+        (dict(labels=[1], batch=0), r"batch must be an integer >= 1|batch must be >= 1"),
+        (dict(labels=[1], seed=-1), r"seed must be >= 0"),
+        (dict(labels=[1], eta=float("nan")), r"eta must be a finite number"),
+        (dict(labels=[1], scale=-1.0), r"guidance scale must be >= 0"),
+        (dict(labels=[1], upsampler_start_t=5000), r"upsampler start timestep 5000 is past"),
+    ],
+)
+def test_counts_labels_and_ranges_are_checked(pipe, kwargs, match):
+    with pytest.raises(SamplingError, match=match):
+        pipe.sample(steps=kwargs.pop("steps", "ddim2"), **kwargs)
+
+
+class _FakeEngine:
+    """A Backend with the given inputs that returns zeros and records the labels it was fed."""
+
+    def __init__(self, inputs, out_channels, size):
+        from runtime.manifest import TensorSpec
+
+        self.inputs = {
+            n: TensorSpec(n, "int64" if n in ("t", "y") else "float32", ()) for n in inputs
+        }
+        self.outputs = {"out": TensorSpec("out", "float32", ())}
+        self.out_channels, self.size, self.labels = out_channels, size, []
+
+    def __call__(self, feeds):
+        if "y" in feeds:
+            self.labels.append(feeds["y"].copy())
+        b = len(feeds["x"])
+        return {"out": np.zeros((b, self.out_channels, self.size, self.size), np.float32)}
+
+    def close(self):
+        pass
+
+
+def test_unconditional_base_with_a_class_conditional_upsampler_draws_its_labels(build_dir):
+    """The ADM 64->256 upsampler is class-conditional: an unconditional base before it gets
+    labels drawn per sample (seed, index), recorded in the result, the same for any batch size."""
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(build_dir)
+    data = json.loads(json.dumps(m.data))
+    data["components"]["unet"]["num_classes"] = None
+    del data["components"]["classifier"]
+    data["artifacts"] = [a for a in data["artifacts"] if a["role"] in ("unet", "upsampler")]
+    m = Manifest(data, build_dir)
+    labels = []
+    for batch in (3, 1):
+        unet = _FakeEngine(["x", "t"], 6, SIZE)
+        up = _FakeEngine(["x", "t", "low_res", "y"], 6, 2 * SIZE)
+        p = Pipeline(m, (m.artifact("unet"), unet), upsampler=(m.artifact("upsampler"), up))
+        res = p.sample(num_samples=3, batch=batch, steps="ddim2", upsampler_steps="ddim2", seed=4)
+        assert res.labels is not None and res.labels.shape == (3,)
+        assert ((0 <= res.labels) & (res.labels < 10)).all()
+        # every upsampler call of the first batch was fed that batch's labels
+        assert up.labels[0].tolist() == res.labels[:batch].tolist()
+        assert up.labels[-1].tolist() == res.labels[-batch:].tolist()
+        labels.append(res.labels.tolist())
+    assert labels[0] == labels[1]

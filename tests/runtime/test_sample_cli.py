@@ -250,3 +250,104 @@ def test_four_shards_merge_into_the_unsharded_run(capsys, tmp_path, build_dir):
     res = runner.invoke(gdexport, ["merge-samples", str(tmp_path / "bad.npz"), *shards, shards[0]])
     assert res.exit_code == 2 and "twice" in res.output
     assert not (tmp_path / "bad.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+        (["--num-samples", "-2"], "--num-samples must be a positive integer, got -2"),
+        (["--classes", "1", "--batch", "0"], "--batch must be a positive integer, got 0"),
+        (["--classes", "1", "--threads", "-1"], "--threads must be a positive integer, got -1"),
+        (["--classes", "1", "--eta", "-1"], "eta must be in [0, 1]"),
+        (["--classes", "1", "--eta", "nan"], "eta must be a finite number"),
+        (["--classes", "1", "--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--classes", "1", "--scale", "-4"], "guidance scale must be >= 0"),
+        (
+            ["--classes", "1", "--upsampler-start-t", "5000"],
+            "upsampler start timestep 5000 is past",
+        ),
+        (["--classes", "1", "--steps", "ddim0"], "'ddimN' needs 2 <= N <= 1000"),
+        (["--class", "1", "--classes", "1,2"], "--class and --classes exclude each other"),
+    ],
+)
+def test_bad_counts_and_ranges(capsys, tmp_path, build_dir, args, message):
+    full = ["--steps", "ddim2", *args] if "--steps" not in args else args
+    err = _run_error(capsys, tmp_path, build_dir, *full)
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_engine_that_does_not_exist(capsys, tmp_path):
+    err = _run_error(capsys, tmp_path, tmp_path / "nonexistent", "--classes", "1")
+    assert f"--engine {tmp_path / 'nonexistent'} does not exist" in err
+
+
+def test_trajectory_path_that_is_a_folder_is_refused_before_sampling(capsys, tmp_path, build_dir):
+    (tmp_path / "traj").mkdir()
+    out = tmp_path / "out"
+    rc, _, err = sample_cli(capsys, "--engine", build_dir, "--classes", "1", "--steps", "ddim2",
+                            "--no-upsampler", "--out", out, "--save-trajectory", tmp_path / "traj")  # fmt: skip
+    assert rc == 2 and "--save-trajectory" in err and "is a folder" in err
+    assert not out.exists()
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_a_rerun_replaces_its_output_whole(capsys, tmp_path, build_dir):
+    """Two runs into one --out with other labels: the folder holds the second run alone."""
+    out = tmp_path / "out"
+    common = ["--engine", build_dir, "--steps", "ddim2", "--no-upsampler", "--out", out]
+    assert sample_cli(capsys, *common, "--classes", "1,2,3")[0] == 0
+    first = _names(out)
+    assert "sample_000002_class3.png" in first
+    assert sample_cli(capsys, *common, "--classes", "7")[0] == 0
+    second = _names(out)
+    assert "sample_000000_class7.png" in second
+    assert not any(
+        n.startswith("sample_0000") and "class7" not in n for n in second if n.endswith(".png")
+    )
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_1"].tolist() == [7]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_foreign_non_empty_folder_is_refused_unless_overwrite(capsys, tmp_path, build_dir):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_text("keep me")
+    common = ["--engine", build_dir, "--classes", "1", "--steps", "ddim2", "--no-upsampler"]
+    rc, _, err = sample_cli(capsys, *common, "--out", out)
+    assert rc == 2 and "is not empty" in err and "--overwrite" in err
+    assert _names(out) == {"holiday.jpg"}
+    rc, _, err = sample_cli(capsys, *common, "--out", out, "--overwrite")
+    assert rc == 0, err
+    assert "holiday.jpg" not in _names(out) and "samples.npz" in _names(out)
+
+
+def test_disk_full_writes_nothing_and_keeps_the_earlier_run(
+    capsys, tmp_path, build_dir, monkeypatch
+):
+    import errno
+
+    out = tmp_path / "out"
+    common = ["--engine", build_dir, "--steps", "ddim2", "--no-upsampler", "--out", out]
+    assert sample_cli(capsys, *common, "--classes", "1,2")[0] == 0
+    before = {n: (out / n).read_bytes() for n in _names(out)}
+    real = Path.write_bytes
+    calls = []
+
+    def full(self, data):
+        calls.append(self.name)
+        if len(calls) == 3:  # a few files in: the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    rc, _, err = sample_cli(capsys, *common, "--classes", "5,6,7")
+    monkeypatch.undo()
+    assert rc == 2 and "no space left on device writing" in err and "Traceback" not in err
+    assert {n: (out / n).read_bytes() for n in _names(out)} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
