@@ -7,9 +7,10 @@
                  int8, per-channel weights, sensitive layers kept in float (`sensitive_nodes`).
     quality.py   int8 against fp32 on the recorded feeds: relative RMS error, cosine similarity.
     speed.py     int8 against fp32 per call on ONNX Runtime (`python -m calibration.speed BUILD`).
-    int8.py      what `gdexport build --int8` runs: all of the above for every component.
-    digits.py    int8 against fp32 on the digits family, by the independent judge
-                 (`python -m calibration.digits BUILD`).
 
-May import `runtime` and `export`; `runtime` never imports this package.
+The build's int8 leaf (export/precision/int8.py) runs all of the above for every component; the
+digits family's int8 judgement is examples/digits_int8.py.
+
+Imports `runtime` only: `export` imports this package, never the other way round, and `runtime`
+imports neither.
 """

@@ -6,12 +6,13 @@ the machine's load hits both alike); the figure is the median of each one's call
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import click
 import numpy as np
 
 from runtime.backends.onnxruntime import OrtBackend
@@ -83,27 +84,22 @@ def compare_unet(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m calibration.speed", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("build", help="a build folder with fp32 and int8 UNet graphs")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--calls", type=int, default=20, help="timed calls per precision")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
-    args = p.parse_args(argv)
+@click.command(name="python -m calibration.speed", help=__doc__.split("\n")[0])
+@click.argument("build", type=click.Path(exists=True, file_okay=False))
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--calls", type=click.IntRange(min=1), default=20, show_default=True,
+              help="timed calls per precision")  # fmt: skip
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="intra-op threads (default: cores)")
+def main(build, batch, calls, warmup, threads) -> None:
     try:
-        got = compare_unet(
-            args.build, batch=args.batch, calls=args.calls, warmup=args.warmup, threads=args.threads
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        got = compare_unet(build, batch=batch, calls=calls, warmup=warmup, threads=threads)
+    except (ValueError, RuntimeError) as e:  # ManifestError, BackendError
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     for name, s in got.items():
-        print(
-            f"unet {name:<5} batch {args.batch}: {s * 1e3:9.2f} ms per call (median of {args.calls})"
-        )
-    print(f"int8 speed-up over fp32: {got['fp32'] / got['int8']:.2f}x")
+        click.echo(f"unet {name:<5} batch {batch}: {s * 1e3:9.2f} ms per call (median of {calls})")
+    click.echo(f"int8 speed-up over fp32: {got['fp32'] / got['int8']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_common import ASSETS, grey, load_digits_split, save_grid  # noqa: E402
+from digits_judge_logreg import Judge, diversity  # noqa: E402
 
 from export import weights  # noqa: E402
 from export.loading import load_model  # noqa: E402
 from export.reference import grad_fn, model_fn  # noqa: E402
-from export.weights.judge import Judge, diversity  # noqa: E402
 from runtime.sampling import sample_ddim  # noqa: E402
 from runtime.schedule import Schedule, make_schedule  # noqa: E402
 

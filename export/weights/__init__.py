@@ -1,4 +1,5 @@
-"""The shipped digits demo family (examples/train_digits.py) and its independent judge.
+"""The shipped digits demo family (examples/train_digits.py); the judge that scores its samples
+is examples/digits_judge_logreg.py (its weights are here, digits16_judge.npz).
 
 `path(preset)` is the checkpoint of a digits preset: `load_model("digits-16", path("digits-16"))`.
 """

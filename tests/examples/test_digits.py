@@ -1,7 +1,7 @@
 """The shipped digits family (export/weights/): it loads through its presets, guidance works, and
 the upsampler beats bilinear upsampling on held-out digits.
 
-Judged by an independent clean-image classifier (export/weights/judge.py) that guidance never
+Judged by an independent clean-image classifier (examples/digits_judge_logreg.py) that guidance never
 sees, and by RMSE against the real held-out 32x32 digits; samples come from the runtime's DDIM over
 the PyTorch reference callables. About 20 s on two CPU cores.
 """
@@ -20,12 +20,12 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from digits_common import load_digits_split  # noqa: E402
+from digits_judge_logreg import Judge  # noqa: E402
 from guidance_sweep import upsample  # noqa: E402
 
 from export import weights  # noqa: E402
 from export.loading import build_model, load_model  # noqa: E402
 from export.reference import grad_fn, model_fn  # noqa: E402
-from export.weights.judge import Judge  # noqa: E402
 from runtime.sampling import sample_ddim  # noqa: E402
 from runtime.schedule import make_schedule  # noqa: E402
 

@@ -17,10 +17,10 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from digits_common import load_digits_split  # noqa: E402
+from digits_judge_logreg import Judge  # noqa: E402
 
 from export.exporter import ComponentSource, export_build  # noqa: E402
 from export.weights import path as weights_path  # noqa: E402
-from export.weights.judge import Judge  # noqa: E402
 from runtime.images import resize_bilinear  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHTS = Path(__file__).resolve().parent / "digits16_judge.npz"
+# Shipped with the digits weights (written by examples/train_digits.py --model judge).
+WEIGHTS = Path(__file__).resolve().parents[1] / "export" / "weights" / "digits16_judge.npz"
 
 
 class Judge:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from calibration.digits import diversity, judge_int8
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from digits_int8 import diversity, judge_int8  # noqa: E402
 
 
 def test_diversity_is_mean_within_class_distance():
@@ -18,7 +23,6 @@ def test_diversity_is_mean_within_class_distance():
 
 
 def test_judge_int8_on_tiny_build(int8_build):
-    pytest.importorskip("export.weights.judge")
     build, _ = int8_build
     got = judge_int8(build, samples=4, steps="ddim2", batch=4)
     for p in ("fp32", "int8"):

@@ -1,8 +1,8 @@
-"""int8 against fp32 on the shipped digits family, judged: `python -m calibration.digits BUILD`.
+"""int8 against fp32 on the shipped digits family, judged: `python examples/digits_int8.py BUILD`.
 
 Samples the build's base stage with its fp32 and its int8 ONNX Runtime pipelines from the same
 seeds and target labels (label j mod 10 for sample j), then scores both with the independent judge
-(export/weights/judge.py: a clean-image classifier never used for guidance):
+(examples/digits_judge_logreg.py: a clean-image classifier never used for guidance):
 
     accuracy    the judge's agreement with the target labels
     diversity   mean over judged classes of the mean pairwise L2 distance within the class
@@ -13,14 +13,19 @@ seeds and target labels (label j mod 10 for sample j), then scores both with the
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
+import click
 import numpy as np
 
-from export.weights.judge import diversity, grey
-from runtime.pipeline import Pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from digits_judge_logreg import diversity, grey  # noqa: E402
+
+from runtime.pipeline import Pipeline  # noqa: E402
 
 
 def judge_int8(
@@ -33,7 +38,7 @@ def judge_int8(
     batch: int = 16,
 ) -> dict:
     """Judge accuracy and diversity of fp32 and int8 samples from the same seeds and labels."""
-    from export.weights.judge import Judge
+    from digits_judge_logreg import Judge
 
     judge = Judge()
     labels = np.arange(samples) % 10
@@ -63,23 +68,20 @@ def judge_int8(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m calibration.digits", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("build", help="a digits build with fp32 and int8 graphs")
-    p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1000, help="not the calibration set's seed (0)")
-    p.add_argument("--scale", type=float, help="guidance scale (default: the manifest's)")
-    p.add_argument("--steps", default="ddim25")
-    args = p.parse_args(argv)
+@click.command(name="python examples/digits_int8.py", help=__doc__.split("\n")[0])
+@click.argument("build", type=click.Path(exists=True, file_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="not the calibration set's seed (0)")  # fmt: skip
+@click.option("--scale", type=click.FloatRange(min=0), help="guidance (default: the manifest's)")
+@click.option("--steps", default="ddim25", show_default=True)
+def main(build, samples, seed, scale, steps) -> None:
     try:
-        got = judge_int8(
-            args.build, samples=args.samples, seed=args.seed, scale=args.scale, steps=args.steps
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(got, indent=1))
+        got = judge_int8(build, samples=samples, seed=seed, scale=scale, steps=steps)
+    except (ValueError, RuntimeError) as e:  # SamplingError, ManifestError, BackendError
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(got, indent=1))
 
 
 if __name__ == "__main__":
