@@ -5,13 +5,18 @@ Three networks, in dependency order: the UNet (`UNetModel`), the super-resolutio
 (`EncoderUNetModel`, the UNet's encoder half with an attention-pool head). Parameter names and
 shapes equal the released guided-diffusion checkpoints; in fp32 the forward pass computes what the
 original computes. Training-only machinery (gradient checkpointing, in-place fp16 conversion) is left
-out; `use_fp16=True` only makes the trunk run in half, as the original's sampling does.
+out, and so are the original's 1-D / 3-D variants: every released ADM model is 2-D. The reference
+runs in fp32; `convert_trunk(torch.float16)` casts the trunk as the original's fp16 mode does
+(`gdexport build --fp16` exports that copy). The constructors take the original classes'
+arguments unchanged; `dims` must be 2 and `use_fp16` is accepted and ignored (fp16 is a graph
+precision here, not a constructor flag).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +47,12 @@ def normalization(channels: int) -> nn.Module:
     return GroupNorm32(32, channels)
 
 
-def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](*args, **kwargs)
-
-
-def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
-    return {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](*args, **kwargs)
+def _only_2d(dims: int) -> None:
+    if dims != 2:
+        raise ValueError(
+            f"dims={dims}: gdexport implements the 2-D ADM networks only (every released "
+            f"checkpoint is 2-D); pass dims=2"
+        )
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -62,36 +67,31 @@ class TimestepEmbedSequential(nn.Sequential):
 class Upsample(nn.Module):
     """Nearest 2x upsampling, optionally followed by a 3x3 convolution."""
 
-    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels=None):
+    def __init__(self, channels: int, use_conv: bool, out_channels=None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
         if use_conv:
-            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
         return self.conv(x) if self.use_conv else x
 
 
 class Downsample(nn.Module):
     """2x downsampling by a strided 3x3 convolution or by average pooling."""
 
-    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels=None):
+    def __init__(self, channels: int, use_conv: bool, out_channels=None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
-        stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
-            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
+            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
         else:
             assert self.channels == self.out_channels
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -112,7 +112,6 @@ class ResBlock(nn.Module):
         out_channels: int | None = None,
         use_conv: bool = False,
         use_scale_shift_norm: bool = False,
-        dims: int = 2,
         up: bool = False,
         down: bool = False,
     ):
@@ -122,17 +121,13 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             normalization(channels),
             nn.SiLU(),
-            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+            nn.Conv2d(channels, self.out_channels, 3, padding=1),
         )
         self.updown = up or down
         if up:
-            self.h_upd, self.x_upd = (
-                Upsample(channels, False, dims),
-                Upsample(channels, False, dims),
-            )
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
         elif down:
-            self.h_upd = Downsample(channels, False, dims)
-            self.x_upd = Downsample(channels, False, dims)
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
@@ -145,14 +140,14 @@ class ResBlock(nn.Module):
             normalization(self.out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
-            conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
         )
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
         else:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:
@@ -228,10 +223,10 @@ class AttentionBlock(nn.Module):
                 )
             self.num_heads = channels // num_head_channels
         self.norm = normalization(channels)
-        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
         attn = QKVAttention if use_new_attention_order else QKVAttentionLegacy
         self.attention = attn(self.num_heads)
-        self.proj_out = conv_nd(1, channels, channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -248,8 +243,8 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(
             torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
         )
-        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
-        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
+        self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_heads_channels
         self.attention = QKVAttention(self.num_heads)
 
@@ -262,68 +257,75 @@ class AttentionPool2d(nn.Module):
         return x[:, :, 0]  # (B, out)
 
 
+@dataclass(frozen=True)
+class TrunkConfig:
+    """The encoder's hyperparameters, shared by the UNet and the classifier."""
+
+    in_channels: int
+    model_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]  # downsample factors
+    dropout: float
+    channel_mult: Sequence[float]
+    conv_resample: bool
+    num_heads: int
+    num_head_channels: int
+    use_scale_shift_norm: bool
+    resblock_updown: bool
+    use_new_attention_order: bool
+    num_classes: int | None = None
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+
 class _Trunk(nn.Module):
     """The shared encoder: time embedding, input blocks and middle block of the ADM UNet."""
 
-    def _build_encoder(
-        self,
-        in_channels: int,
-        model_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float,
-        channel_mult: Sequence[float],
-        conv_resample: bool,
-        dims: int,
-        num_heads: int,
-        num_head_channels: int,
-        use_scale_shift_norm: bool,
-        resblock_updown: bool,
-        use_new_attention_order: bool,
-        num_classes: int | None = None,
-    ) -> tuple[int, int, list[int]]:
-        time_embed_dim = model_channels * 4
+    def _build_encoder(self, cfg: TrunkConfig) -> tuple[int, int, list[int]]:
+        """Build the encoder; returns (channels out, downsample factor reached, skip channels)."""
+        emb_dim = cfg.time_embed_dim
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim),
+            nn.Linear(cfg.model_channels, emb_dim),
             nn.SiLU(),
-            nn.Linear(time_embed_dim, time_embed_dim),
+            nn.Linear(emb_dim, emb_dim),
         )
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-        res = dict(dims=dims, use_scale_shift_norm=use_scale_shift_norm)
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        res = dict(use_scale_shift_norm=cfg.use_scale_shift_norm)
         attn = dict(
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_new_attention_order=use_new_attention_order,
+            num_heads=cfg.num_heads,
+            num_head_channels=cfg.num_head_channels,
+            use_new_attention_order=cfg.use_new_attention_order,
         )
-        ch = int(channel_mult[0] * model_channels)
+        ch = int(cfg.channel_mult[0] * cfg.model_channels)
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
         )
         chans, ds = [ch], 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [
-                    ResBlock(ch, time_embed_dim, dropout, int(mult * model_channels), **res)
-                ]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out_ch = int(mult * cfg.model_channels)
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, cfg.dropout, out_ch, **res)]
+                ch = out_ch
+                if ds in cfg.attention_resolutions:
                     layers.append(AttentionBlock(ch, **attn))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
-            if level != len(channel_mult) - 1:
+            if level != len(cfg.channel_mult) - 1:
                 down = (
-                    ResBlock(ch, time_embed_dim, dropout, ch, down=True, **res)
-                    if resblock_updown
-                    else Downsample(ch, conv_resample, dims, out_channels=ch)
+                    ResBlock(ch, emb_dim, cfg.dropout, ch, down=True, **res)
+                    if cfg.resblock_updown
+                    else Downsample(ch, cfg.conv_resample, out_channels=ch)
                 )
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_embed_dim, dropout, **res),
+            ResBlock(ch, emb_dim, cfg.dropout, **res),
             AttentionBlock(ch, **attn),
-            ResBlock(ch, time_embed_dim, dropout, **res),
+            ResBlock(ch, emb_dim, cfg.dropout, **res),
         )
         return ch, ds, chans
 
@@ -357,6 +359,7 @@ class UNetModel(_Trunk):
         use_new_attention_order: bool = False,
     ):
         super().__init__()
+        _only_2d(dims)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
@@ -364,14 +367,16 @@ class UNetModel(_Trunk):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float32
         ch, ds, chans = self._build_encoder(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
-            channel_mult, conv_resample, dims, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, use_new_attention_order, num_classes,
+            TrunkConfig(
+                in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
+                channel_mult, conv_resample, num_heads, num_head_channels, use_scale_shift_norm,
+                resblock_updown, use_new_attention_order, num_classes,
+            )
         )  # fmt: skip
         time_embed_dim = model_channels * 4
-        res = dict(dims=dims, use_scale_shift_norm=use_scale_shift_norm)
+        res = dict(use_scale_shift_norm=use_scale_shift_norm)
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
@@ -393,7 +398,7 @@ class UNetModel(_Trunk):
                     layers.append(
                         ResBlock(ch, time_embed_dim, dropout, ch, up=True, **res)
                         if resblock_updown
-                        else Upsample(ch, conv_resample, dims, out_channels=ch)
+                        else Upsample(ch, conv_resample, out_channels=ch)
                     )
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -401,10 +406,8 @@ class UNetModel(_Trunk):
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
-            conv_nd(dims, input_ch, out_channels, 3, padding=1),
+            nn.Conv2d(input_ch, out_channels, 3, padding=1),
         )
-        if use_fp16:
-            self.convert_trunk(torch.float16)
 
     def convert_trunk(self, dtype: torch.dtype) -> None:
         """Cast the trunk (blocks, not embeddings or the output head) as the original's fp16 mode."""
@@ -476,15 +479,18 @@ class EncoderUNetModel(_Trunk):
         pool: str = "adaptive",
     ):
         super().__init__()
+        _only_2d(dims)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float32
         ch, ds, _ = self._build_encoder(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
-            channel_mult, conv_resample, dims, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, use_new_attention_order,
+            TrunkConfig(
+                in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
+                channel_mult, conv_resample, num_heads, num_head_channels, use_scale_shift_norm,
+                resblock_updown, use_new_attention_order,
+            )
         )  # fmt: skip
         self.pool = pool
         if pool == "adaptive":
@@ -492,7 +498,7 @@ class EncoderUNetModel(_Trunk):
                 normalization(ch),
                 nn.SiLU(),
                 nn.AdaptiveAvgPool2d((1, 1)),
-                conv_nd(dims, ch, out_channels, 1),
+                nn.Conv2d(ch, out_channels, 1),
                 nn.Flatten(),
             )
         elif pool == "attention":
@@ -505,8 +511,6 @@ class EncoderUNetModel(_Trunk):
             )
         else:
             raise ValueError(f"unsupported classifier pool {pool!r}: use 'attention' or 'adaptive'")
-        if use_fp16:
-            self.convert_trunk(torch.float16)
 
     def convert_trunk(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -525,7 +529,7 @@ class EncoderUNetModel(_Trunk):
 def _convert_convs(module: nn.Module, dtype: torch.dtype) -> None:
     """The original's `convert_module_to_f16`: convolutions only; norms and linears stay fp32."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None:
                 m.bias.data = m.bias.data.to(dtype)

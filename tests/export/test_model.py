@@ -364,3 +364,10 @@ def test_classifier_attention_pool():
     a = multi_head_attention_ref(*split_heads(qkv, 2, legacy=False))
     logits = np.einsum("oc,bct->bot", p["c_proj.weight"][..., 0], a) + p["c_proj.bias"][:, None]
     assert_close(out, logits[:, :, 0])  # the mean token's output
+
+
+def test_only_the_2d_networks_are_built():
+    from export.model import UNetModel
+
+    with pytest.raises(ValueError, match="dims=3: gdexport implements the 2-D ADM networks only"):
+        UNetModel(16, 3, 32, 3, 1, (), dims=3)
