@@ -150,15 +150,21 @@ def _engine_path(text: str) -> Path:
     return path
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Fail early on an output folder this run may not replace, creating nothing."""
-    probe = out
+def _check_writable(folder: Path, what: str) -> Path:
+    """The nearest existing folder at or above `folder`, checked writable; nothing is created."""
+    probe = folder
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise SamplingError(f"cannot write to output folder {out}: {probe} is a file, not a folder")
+        raise SamplingError(f"cannot write to {what}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise SamplingError(f"cannot write to output folder {out}: {probe} is not writable")
+        raise SamplingError(f"cannot write to {what}: {probe} is not writable")
+    return probe
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Fail early on an output folder this run may not replace, creating nothing."""
+    probe = _check_writable(out, f"output folder {out}")
     if probe == out and not os.access(out.parent if out.parent.exists() else out, os.W_OK):
         raise SamplingError(f"cannot replace output folder {out}: its parent is not writable")
     if probe == out and any(out.iterdir()) and not (out / RUN_RECORD).is_file() and not overwrite:
@@ -174,13 +180,7 @@ def _check_trajectory_path(path: Path) -> None:
         raise SamplingError(
             f"--save-trajectory {path} is a folder: give a file name such as {path / 'traj.npz'}"
         )
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SamplingError(f"cannot write --save-trajectory {path}: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SamplingError(f"cannot write --save-trajectory {path}: {probe} is not writable")
+    _check_writable(path.parent, f"--save-trajectory {path}")
 
 
 def _labels(kw) -> list[int] | None:
