@@ -1,5 +1,7 @@
 // A small strict JSON reader: what manifest.json holds, with positions in its errors.
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 
@@ -244,6 +246,17 @@ std::string Json::repr() const {
     case Bool: return b ? "True" : "False";
     case Number:
       if (is_int) return std::to_string(i);
+      if (std::isnan(num)) return "nan";
+      if (std::isinf(num)) return num > 0 ? "inf" : "-inf";
+      for (int prec = 1; prec <= 17; ++prec) {  // the shortest repr that reads back, as Python's
+        char buf[40];
+        std::snprintf(buf, sizeof buf, "%.*g", prec, num);
+        if (std::strtod(buf, nullptr) == num) {
+          std::string r = buf;
+          if (r.find_first_of(".e") == std::string::npos) r += ".0";
+          return r;
+        }
+      }
       o << num;
       return o.str();
     case String: return "'" + str + "'";

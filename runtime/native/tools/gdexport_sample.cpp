@@ -77,7 +77,7 @@ std::string npy(const std::string& descr, const std::vector<size_t>& shape, cons
   std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
   while ((10 + header.size() + 1) % 64) header += ' ';
   header += '\n';
-  std::string out = "\x93NUMPY\x01\x00";
+  std::string out("\x93NUMPY\x01\x00", 8);
   put16(out, static_cast<uint32_t>(header.size()));
   out += header;
   out.append(static_cast<const char*>(data), bytes);

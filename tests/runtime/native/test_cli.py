@@ -1,0 +1,60 @@
+"""gdexport-sample's flag errors (exit 2 with a message) and one AddressSanitizer run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.runtime.native.conftest import build_native
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "missing option --engine"),
+        (["--engine", "{b}", "--bogus"], "no such option: --bogus"),
+        (["--engine", "{b}", "--seed", "x"], "--seed: 'x' is not an integer"),
+        (["--engine", "{b}", "--seed", "-1"], "seed must be >= 0"),
+        (["--engine", "{b}", "--scale", "-1"], "guidance scale must be >= 0"),
+        (["--engine", "{b}", "--sampler", "euler"], "is not one of 'ddim', 'ddpm'"),
+        (["--engine", "{b}", "--classes", "1,x"], "--classes takes comma-separated integers"),
+        (["--engine", "{b}", "--num-samples"], "option --num-samples requires an argument"),
+        (["--engine", "/nonexistent/build"], "--engine /nonexistent/build does not exist"),
+        (["--engine", "{b}", "--classes", "1,12", "--steps", "ddim2"], "class 12 is out of range"),
+    ],
+)
+def test_flag_errors_exit_2(native_dir: Path, digits, tmp_path, args, message):
+    args = [a.format(b=digits) for a in args]
+    proc = subprocess.run(
+        [str(native_dir / "gdexport-sample"), *args, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "o").exists()  # bad input leaves nothing behind
+
+
+def test_cli_under_address_sanitizer(digits, tmp_path_factory, tmp_path):
+    """The library and CLI built with -fsanitize=address,undefined sample a guided cascade."""
+    build = build_native(
+        Path(__file__).resolve().parents[3] / "build" / "native-asan", "-DGDX_SANITIZE=ON"
+    )
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=24",
+        LSAN_OPTIONS=f"suppressions={Path(__file__).with_name('lsan.supp')}",
+    )
+    proc = subprocess.run(
+        [str(build / "gdexport-sample"), "--engine", str(digits), "--classes", "1,2,3",
+         "--steps", "ddim3", "--batch", "2", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in proc.stderr and "runtime error" not in proc.stderr
+    with np.load(tmp_path / "o" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (3, 32, 32, 3)
