@@ -50,7 +50,10 @@ def native_dir() -> Path:
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
     """The shipped digits family (UNet, classifier gradient, upsampler), exported without the
-    parity check, batch 1..8."""
+    parity check, batch 1..8. GDX_NATIVE_DIGITS=FOLDER reuses such an export (for quick
+    reruns while developing; its manifest must say batch max 8)."""
+    if os.environ.get("GDX_NATIVE_DIGITS"):
+        return Path(os.environ["GDX_NATIVE_DIGITS"])
     from export.exporter import ComponentSource, export_build
     from export.weights import path as weights_path
 

@@ -30,7 +30,7 @@ from tests.runtime.native.conftest import build_native
 def test_flag_errors_exit_2(native_dir: Path, digits, tmp_path, args, message):
     args = [a.format(b=digits) for a in args]
     proc = subprocess.run(
-        [str(native_dir / "gdexport-sample"), *args, "--out", str(tmp_path / "o")],
+        [str(native_dir / "gdexport-sample"), "--out", str(tmp_path / "o"), *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
