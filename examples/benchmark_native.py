@@ -137,9 +137,11 @@ def main(build, num_samples, steps, scale, repeat, native, json_out):
     print(f"| python -m runtime.sample | ONNX Runtime | {per['python_onnxruntime']:.4f} | "
           f"{result['ratio_python_ort_over_native']:.2f} |")  # fmt: skip
     mib = 1 / (1 << 20)
-    print(f"footprint: libgdexport_rt.so {sizes['libgdexport_rt.so'] * mib:.2f} MiB, "
-          f"gdexport-sample {sizes['gdexport-sample'] * mib:.2f} MiB, OpenVINO libraries "
-          f"{ov_bytes * mib:.1f} MiB ({', '.join(k for k in sizes if 'gdexport' not in k)})")
+    print(
+        f"footprint: libgdexport_rt.so {sizes['libgdexport_rt.so'] * mib:.2f} MiB, "
+        f"gdexport-sample {sizes['gdexport-sample'] * mib:.2f} MiB, OpenVINO libraries "
+        f"{ov_bytes * mib:.1f} MiB ({', '.join(k for k in sizes if 'gdexport' not in k)})"
+    )
     if json_out:
         json_out.write_text(json.dumps(result, indent=1) + "\n")
 

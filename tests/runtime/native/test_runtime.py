@@ -201,7 +201,9 @@ def test_manifest_refusals_match_python(native: Native, digits, tmp_path, change
 
 
 @pytest.mark.parametrize("file", ["../unet.onnx", "/etc/passwd", "link.onnx"])
-def test_artefacts_outside_the_build_are_refused_like_python(native: Native, digits, tmp_path, file):
+def test_artefacts_outside_the_build_are_refused_like_python(
+    native: Native, digits, tmp_path, file
+):
     from runtime.manifest import confined
 
     build = _copy(digits, tmp_path)
