@@ -251,3 +251,22 @@ def test_sample_errors_are_codes_and_messages(native: Native, digits):
     images = np.zeros((1, 32, 32, 3), np.uint8)
     assert native.lib.gdx_sample(None, None, 1, -1.0, None, 0, 0, images.ctypes.data) == 1
     assert "the runtime is NULL" in native.error()
+
+
+def test_readme_embedding_example_runs_through_the_cpp_wrapper(native_dir, native: Native, digits):
+    proc = subprocess.run(
+        [str(native_dir / "gdexport-embed-example"), str(digits)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    h = native.open(digits)
+    try:
+        images = native.sample(h, [1, 2, 3, 4], seed=0)[0]  # the manifest's scale and steps
+    finally:
+        native.close(h)
+    assert proc.stdout.strip() == f"4 images of 32x32, first pixel {images[0, 0, 0, 0]}"
+    bad = subprocess.run(
+        [str(native_dir / "gdexport-embed-example"), str(digits / "nowhere" / "x")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "error 2: no manifest.json in" in bad.stderr
