@@ -7,6 +7,7 @@
 #include <NvInferVersion.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>

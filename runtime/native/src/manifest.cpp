@@ -335,7 +335,16 @@ void check_feeds(const Artifact& a, const std::vector<Feed>& feeds) {
       fail(GDX_ERR_ENGINE, "input '" + spec.name + "' must be " + spec.dtype + ", got " + f->dtype);
     bool ok = f->shape.size() == spec.shape.size();
     for (size_t k = 0; ok && k < spec.shape.size(); ++k) ok = spec.shape[k] < 0 || spec.shape[k] == f->shape[k];
-    if (!ok) fail(GDX_ERR_ENGINE, "input '" + spec.name + "' has the wrong shape for " + a.file);
+    if (!ok) {
+      auto dims = [](const std::vector<int64_t>& d, bool named) {
+        std::string r = "(";
+        for (size_t k = 0; k < d.size(); ++k)
+          r += (k ? ", " : "") + (named && d[k] < 0 ? std::string("'batch'") : std::to_string(d[k]));
+        return r + (d.size() == 1 ? ",)" : ")");
+      };
+      fail(GDX_ERR_ENGINE, "input '" + spec.name + "' must have shape " + dims(spec.shape, true) +
+                               ", got " + dims(f->shape, false));
+    }
     if (!spec.shape.empty() && spec.shape[0] < 0) {
       int64_t b = f->shape[0];
       if (b < a.batch_min || b > a.batch_max)
