@@ -220,6 +220,8 @@ class Pipeline:
                     else art.backend
                 )
                 options = dict(backend_options or {})
+                if name == "openvino":
+                    options = {k: v for k, v in options.items() if k in ("threads", "device")}
                 if art.extra.get("ort_optimized") and (name or art.backend) == "onnxruntime":
                     options.setdefault("ort_optimized", art.extra["ort_optimized"])
                 b = open_backend(path, name, batch=art.batch, **options)
@@ -686,4 +688,4 @@ def _preferred_backend() -> str:
 
 
 def _backend_kind(backend: str | None) -> str | None:
-    return backend if backend in ("onnxruntime", "tensorrt") else None
+    return backend if backend in ("onnxruntime", "openvino", "tensorrt") else None

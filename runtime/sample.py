@@ -71,7 +71,9 @@ RUN_RECORD = "sample_run.json"
     help=".npz file of x_t and the x0 prediction per step",
 )  # fmt: skip
 @click.option(
-    "--backend", type=click.Choice(["onnxruntime", "tensorrt"]), help="default: from the file"
+    "--backend",
+    type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+    help="default: from the file (openvino runs the build's ONNX graphs too)",
 )
 @click.option("--providers", help="ONNX Runtime execution providers, comma-separated")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)")

@@ -1,6 +1,7 @@
 """Backends: one tiny protocol, numpy in and numpy out, the caller owns the outputs.
 
-Each backend module imports its heavy library (onnxruntime, tensorrt + cuda-python) itself, so
+Each backend module imports its heavy library (onnxruntime, openvino, tensorrt + cuda-python)
+itself, so
 importing this package costs nothing. `open_backend` picks one from the file's suffix.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from runtime.manifest import TensorSpec
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 class BackendError(RuntimeError):
@@ -36,22 +37,30 @@ def backend_for_file(path: str | Path) -> str:
         return "tensorrt"
     if suffix == ".onnx" or suffix == ".ort":
         return "onnxruntime"
+    if suffix == ".xml":
+        return "openvino"
     raise BackendError(
-        f"cannot tell the backend of {path}: expected a .onnx (ONNX Runtime) or .plan (TensorRT) "
-        f"file, or pass --backend {'/'.join(BACKENDS)}"
+        f"cannot tell the backend of {path}: expected a .onnx (ONNX Runtime), .xml (OpenVINO IR) "
+        f"or .plan (TensorRT) file, or pass --backend {'/'.join(BACKENDS)}"
     )
 
 
 def open_backend(path: str | Path, backend: str | None = None, **options) -> Backend:
-    """Create the backend for an engine file. `backend`: "onnxruntime", "tensorrt" or None (auto).
+    """Create the backend for an engine file. `backend`: "onnxruntime", "openvino", "tensorrt"
+    or None (from the file's suffix). OpenVINO also runs every ONNX graph.
 
-    Options go to the backend's constructor (ONNX Runtime: `providers`, `threads`).
+    Options go to the backend's constructor (ONNX Runtime: `providers`, `threads`; OpenVINO:
+    `precision`, `threads`, `cache_dir`, `device`).
     """
     name = backend or backend_for_file(path)
     if name == "onnxruntime":
         from runtime.backends.onnxruntime import OrtBackend
 
         return OrtBackend(path, **options)
+    if name == "openvino":
+        from runtime.backends.openvino import OvBackend
+
+        return OvBackend(path, **options)
     if name == "tensorrt":
         from runtime.backends.tensorrt import TrtBackend
 

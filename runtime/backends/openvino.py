@@ -1,0 +1,191 @@
+"""OpenVINO backend: the build's ONNX graphs (or its OpenVINO IR files) on the CPU plugin.
+
+Precision follows the graph: fp32 and int8 Q/DQ graphs run with fp32 arithmetic outside the
+quantised ops (OpenVINO's CPU plugin would otherwise pick bf16 by itself on CPUs with bf16
+units); bf16 runs only where asked, by the artefact (`gdexport build --bf16` writes IR files
+that record it) or by `precision="bf16"`. Construction reads, fixes and compiles the model once;
+with `cache_dir` the compiled blob is kept there for the next start.
+
+One fix is applied to every model read: OpenVINO 2025-2026 computes a ConvTranspose
+(ConvolutionBackpropData) wrongly when its weight constant is shared with another op, which is
+exactly what the classifier's input-gradient graph holds (the backward of each convolution
+reuses its forward weight). Each such op gets its own copy of the constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import BackendError, check_feeds
+from runtime.manifest import TensorSpec
+
+INSTALL = "pip install 'gdexport[openvino]'"
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+RT_INFO_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+_OV_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32"}
+_DECONV = ("ConvolutionBackpropData", "GroupConvolutionBackpropData")
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError(f"the OpenVINO backend needs openvino: {INSTALL}") from None
+    return openvino
+
+
+def cpu_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin has native bf16 here (AVX512-BF16 or AMX-BF16)."""
+    ov = import_openvino()
+    core = core or ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def unshare_deconv_weights(model) -> int:
+    """Give every ConvTranspose whose weight constant has other consumers its own copy of it
+    (the OpenVINO bug above). Returns how many were unshared."""
+    import_openvino()
+    from openvino import opset13 as ops
+
+    fixed = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in _DECONV:
+            continue
+        src = op.input(1).get_source_output()
+        node = src.get_node()
+        if node.get_type_name() != "Constant" or len(src.get_target_inputs()) < 2:
+            continue
+        copy = ops.constant(np.array(node.get_data(), copy=True), dtype=node.get_element_type())
+        op.input(1).replace_source_output(copy.output(0))
+        fixed += 1
+    if fixed:
+        model.validate_nodes_and_infer_types()
+    return fixed
+
+
+def read_model(path: str | Path, core=None):
+    """An ov.Model of an ONNX graph or an IR `.xml`, with the ConvTranspose fix applied."""
+    ov = import_openvino()
+    core = core or ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except Exception as e:  # OpenVINO raises RuntimeError with a multi-line message
+        raise BackendError(
+            f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[0]} "
+            f"(a corrupt or truncated file: rebuild it)"
+        ) from None
+    unshare_deconv_weights(model)
+    return model
+
+
+def recorded_precision(model) -> str | None:
+    """The precision an IR file records (`gdexport build --bf16`), None for plain graphs."""
+    if model.has_rt_info(RT_INFO_KEY):
+        hint = str(model.get_rt_info(RT_INFO_KEY))
+        for name, h in PRECISION_HINTS.items():
+            if hint == h:
+                return name
+    return None
+
+
+class OvBackend:
+    """A compiled OpenVINO model behind the Backend protocol.
+
+    `precision`: "fp32" or "bf16" arithmetic (default: what the file records, else fp32);
+    `threads`: inference threads (default: physical cores); `cache_dir`: OpenVINO's compiled-model
+    cache (a folder; the runtime puts it in the build folder); `device`: an OpenVINO device name
+    ("CPU", "GPU", "NPU"); `batch`: the manifest's batch range, checked on every call.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        precision: str | None = None,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        device: str = "CPU",
+        batch: Mapping[str, int] | None = None,
+    ):
+        ov = import_openvino()
+        path = Path(path)
+        if not path.is_file():
+            raise BackendError(f"engine {path} does not exist")
+        core = ov.Core()
+        if device not in core.available_devices:
+            raise BackendError(
+                f"OpenVINO device {device!r} is not available here (available: "
+                f"{', '.join(core.available_devices)})"
+            )
+        model = read_model(path, core)
+        precision = precision or recorded_precision(model) or "fp32"
+        if precision not in PRECISION_HINTS:
+            raise BackendError(
+                f"the OpenVINO backend runs fp32 or bf16 arithmetic, not {precision!r} (int8 "
+                f"comes from the graph's Q/DQ nodes: run an int8 graph at fp32)"
+            )
+        if precision == "bf16" and device == "CPU" and not cpu_has_bf16(core):
+            raise BackendError(
+                "this CPU has no bf16 units (AVX512-BF16 or AMX), so OpenVINO would emulate bf16 "
+                "slowly; run the fp32 artefacts (--precision fp32) on this machine"
+            )
+        config = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if device == "CPU":
+            from runtime.backends.onnxruntime import physical_cores
+
+            config["INFERENCE_NUM_THREADS"] = int(threads or physical_cores())
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as e:
+            raise BackendError(
+                f"OpenVINO cannot compile {path.name} for {device}: "
+                f"{str(e).strip().splitlines()[0]}"
+            ) from None
+        self.request = self.compiled.create_infer_request()
+        self.path = path
+        self.precision = precision
+        self.batch = dict(batch) if batch else None
+        self.inputs = {p.get_any_name(): _spec(p) for p in self.compiled.inputs}
+        self.outputs = {p.get_any_name(): _spec(p) for p in self.compiled.outputs}
+        self._ports = list(self.compiled.outputs)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.inputs, feeds, self.batch)
+        self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        # The request reuses its output tensors: the caller gets copies it owns.
+        return {
+            name: np.array(self.request.get_tensor(port).data, copy=True)
+            for name, port in zip(self.outputs, self._ports)
+        }
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+    def __enter__(self) -> OvBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _spec(port) -> TensorSpec:
+    ty = port.get_element_type().get_type_name()
+    shape = tuple(d.get_length() if d.is_static else "batch" for d in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), _OV_TYPES.get(ty, ty), shape)
+
+
+def save_ir(model, xml: Path, precision: str) -> None:
+    """Write `model` as IR (`xml` + `.bin`, fp32 weights), recording the arithmetic precision."""
+    ov = import_openvino()
+    model.set_rt_info(PRECISION_HINTS[precision], RT_INFO_KEY)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
