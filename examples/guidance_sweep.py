@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_common import ASSETS, grey, load_digits_split, save_grid  # noqa: E402
-from digits_judge_logreg import Judge, diversity  # noqa: E402
+from digits_judge import CONFIDENT, StrongJudge  # noqa: E402
+from digits_judge_logreg import diversity  # noqa: E402
 
 from export import weights  # noqa: E402
 from export.loading import load_model  # noqa: E402
@@ -44,8 +45,13 @@ PARTS = ("guidance", "upsampler", "cascade")
 UPSAMPLER_START_T = 500  # where the shipped upsampler's chain starts (see `upsample`)
 
 
+WEIGHTS_DIR: Path | None = None  # --weights: a folder of digits checkpoints instead of the shipped
+
+
 def load(preset: str) -> torch.nn.Module:
-    """A shipped digits model, loaded through its preset."""
+    """A digits model (shipped, or from --weights), loaded through its preset."""
+    if WEIGHTS_DIR is not None:
+        return load_model(preset, WEIGHTS_DIR / weights.path(preset).name)
     return load_model(preset, weights.path(preset))
 
 
@@ -129,6 +135,7 @@ def guidance_sweep(base, classifier, judge, scales, n: int, seed: int) -> list[d
         rows.append(dict(
             scale=scale,
             accuracy=float((judged == labels).mean()),
+            recognisable=float(judge.recognisable(x).mean()),
             diversity=diversity(x, judged),
             classes_judged=int(len(np.unique(judged))),
             seconds=round(time.time() - start, 1),
@@ -187,12 +194,13 @@ def plot(rows: list[dict], path: Path, real_diversity: float) -> None:
 def markdown(sweep: list[dict], ups: list[dict], meta: dict) -> str:
     lines = [
         f"Guided DDIM ({meta['respacing']}, eta 0), {meta['samples']} samples per scale, seed "
-        f"{meta['seed']}; judge held-out accuracy {meta['judge_accuracy']:.3f}; diversity of real "
+        f"{meta['seed']}; judge {meta['judge']}, held-out accuracy {meta['judge_accuracy']:.3f}; "
+        f"recognisable = judge probability >= {meta['confident']}; diversity of real "
         f"held-out digits (by true class) {meta['real_diversity']:.2f}.",
         "",
-        "| scale | judge accuracy | diversity | classes judged |",
-        "|---:|---:|---:|---:|",
-        *(f"| {r['scale']:g} | {r['accuracy']:.3f} | {r['diversity']:.2f} | {r['classes_judged']} |" for r in sweep),
+        "| scale | judge accuracy | recognisable | diversity | classes judged |",
+        "|---:|---:|---:|---:|---:|",
+        *(f"| {r['scale']:g} | {r['accuracy']:.3f} | {r['recognisable']:.3f} | {r['diversity']:.2f} | {r['classes_judged']} |" for r in sweep),
         "",
         f"Upsampler 16->32 on the {meta['held_out']} held-out digits (RMSE of grey images in [-1, 1]):",
         "",
@@ -205,6 +213,7 @@ def markdown(sweep: list[dict], ups: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global WEIGHTS_DIR, ASSETS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--samples", type=int, default=200)
@@ -217,17 +226,21 @@ def main(argv: list[str] | None = None) -> None:
         help="guidance scale of the cascade grid (default: the preset's recommended)",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a folder of digits checkpoints to judge instead of export/weights")
+    p.add_argument("--assets", type=Path, default=ASSETS, help="where results and grids go")
     args = p.parse_args(argv)  # fmt: skip
+    WEIGHTS_DIR, ASSETS = args.weights, args.assets
     torch.set_num_threads(args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
     results_path = ASSETS / "digits_results.json"
     # Parts run separately update one results file.
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    judge = Judge()
+    judge = StrongJudge()
     _, held_out = load_digits_split()
     results["meta"] = dict(
         respacing="ddim25", samples=args.samples, seed=args.seed, held_out=len(held_out.y),
-        judge_accuracy=judge.held_out_accuracy,
+        judge=judge.kind, judge_accuracy=judge.held_out_accuracy, confident=CONFIDENT,
         real_diversity=diversity(held_out.x16.numpy(), held_out.y.numpy()),
     )  # fmt: skip
     if "guidance" in args.parts:

@@ -96,6 +96,12 @@ def _crop_pair(
     )
 
 
+def _save(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)  # no half-written checkpoint if interrupted
+
+
 def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) -> dict:
     preset, _, batch, lr = MODELS[name]
     batch = args.batch or batch
@@ -107,7 +113,13 @@ def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) ->
     is_clf = name == "classifier"
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05) if is_clf
            else torch.optim.Adam(model.parameters(), lr=lr))  # fmt: skip
+    warmup = min(args.warmup, steps // 10)
+    # Linear warm-up, then cosine decay to zero (per step; step 0 already trains at lr / warmup).
+    lr_at = lambda k: (k + 1) / warmup if k < warmup else 0.5 * (  # noqa: E731
+        1 + np.cos(np.pi * (k - warmup) / max(1, steps - warmup)))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     sched = schedule()
+    path = out / PRESETS[preset]["checkpoint"]
     x0_all = data.x32 if name == "upsampler" else data.x16
     n_params = sum(p.numel() for p in model.parameters())
     start = time.time()
@@ -128,21 +140,22 @@ def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) ->
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        lr_sched.step()
         ema.update(model)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+            _save(ema.model, path)  # a partial run leaves usable weights
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
     wall = time.time() - start
-    path = out / PRESETS[preset]["checkpoint"]
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ema.model.state_dict(), tmp)
-    tmp.replace(path)  # no half-written checkpoint if interrupted
+    _save(ema.model, path)
     info = dict(
         model=name, preset=preset, params=n_params, steps=steps, batch=batch, lr=lr,
-        ema=args.ema, seed=seed, wall_s=round(wall, 1), final_loss=round(running, 5),
+        lr_schedule=f"linear warm-up {warmup} steps, cosine decay to 0", ema=args.ema, seed=seed, wall_s=round(wall, 1), final_loss=round(running, 5),
         lowres_noise=args.lowres_noise if name == "upsampler" else None,
         crop=(args.crop, args.full_steps) if name == "upsampler" else None,
-        torch=torch.__version__, checkpoint=path.name,
+        torch=torch.__version__, threads=torch.get_num_threads(), checkpoint=path.name,
+        command="python examples/train_digits.py " + " ".join(sys.argv[1:]),
     )  # fmt: skip
     (out / f"train_{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
@@ -188,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--full-steps", type=int, default=150,
                    help="upsampler: the last N steps train on whole 32x32 images")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="save the EMA weights every N steps (0: only at the end)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=WEIGHTS)

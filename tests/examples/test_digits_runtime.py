@@ -1,8 +1,8 @@
 """The shipped digits family through the torch-free runtime on ONNX Runtime, as users run it.
 
 The family is exported once per module (no parity check: tests/export covers that); then the
-runtime's Pipeline samples it. Judged by the independent clean-image judge (never used for
-guidance) and by RMSE against the real held-out 32x32 digits.
+runtime's Pipeline samples it. Judged by the independent clean-image RBF-SVM judge
+(examples/digits_judge.py: 100% on held-out digits, never used for guidance) and by RMSE against the real held-out 32x32 digits.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from digits_common import load_digits_split  # noqa: E402
-from digits_judge_logreg import Judge  # noqa: E402
+from digits_judge import StrongJudge  # noqa: E402
 
 from export.exporter import ComponentSource, export_build  # noqa: E402
 from export.weights import path as weights_path  # noqa: E402
@@ -40,7 +40,7 @@ def digits_build(tmp_path_factory) -> Path:
 
 
 def test_guidance_raises_judge_accuracy_on_onnxruntime(digits_build):
-    judge = Judge()
+    judge = StrongJudge()
     labels = np.arange(64) % 10
     with Pipeline.from_manifest(digits_build, upsampler=False) as pipe:
         assert pipe.unet_artifact.backend == "onnxruntime"
