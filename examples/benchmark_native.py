@@ -41,18 +41,15 @@ def _python_seconds(args: list[str]) -> tuple[float, float]:
 
 
 def _python_openvino_seconds(build: Path, labels: list[int], scale: float, steps: str) -> float:
-    """The Python runtime's loop over OpenVINO engines (the test-local wrapper)."""
+    """The Python runtime's loop over the same OpenVINO engines (`--backend openvino`)."""
     sys.path.insert(0, str(ROOT))
     from runtime.pipeline import Pipeline
-    from tests.runtime.native.conftest import ov_engines
 
-    with Pipeline.from_manifest(build) as pipe:
-        engines = ov_engines(pipe)
-        with pipe.wrapped_engines(lambda role, b: engines[role]):
-            pipe.sample(labels[:1], scale=scale, steps="ddim2", seed=0)  # warm-up
-            t0 = time.perf_counter()
-            pipe.sample(labels, scale=scale, steps=steps, seed=0)
-            return time.perf_counter() - t0
+    with Pipeline.from_manifest(build, backend="openvino") as pipe:
+        pipe.sample(labels[:1], scale=scale, steps="ddim2", seed=0)  # warm-up
+        t0 = time.perf_counter()
+        pipe.sample(labels, scale=scale, steps=steps, seed=0)
+        return time.perf_counter() - t0
 
 
 def footprint(native: Path) -> dict[str, int]:

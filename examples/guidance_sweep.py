@@ -226,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         help="guidance scale of the cascade grid (default: the preset's recommended)",
     )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--weights", type=Path, default=None,
-                   help="a folder of digits checkpoints to judge instead of export/weights")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="a folder of digits checkpoints to judge instead of export/weights",
+    )
     p.add_argument("--assets", type=Path, default=ASSETS, help="where results and grids go")
     args = p.parse_args(argv)  # fmt: skip
     WEIGHTS_DIR, ASSETS = args.weights, args.assets

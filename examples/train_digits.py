@@ -114,9 +114,13 @@ def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) ->
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05) if is_clf
            else torch.optim.Adam(model.parameters(), lr=lr))  # fmt: skip
     warmup = min(args.warmup, steps // 10)
+
     # Linear warm-up, then cosine decay to zero (per step; step 0 already trains at lr / warmup).
-    lr_at = lambda k: (k + 1) / warmup if k < warmup else 0.5 * (  # noqa: E731
-        1 + np.cos(np.pi * (k - warmup) / max(1, steps - warmup)))
+    def lr_at(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * (k - warmup) / max(1, steps - warmup)))
+
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     sched = schedule()
     path = out / PRESETS[preset]["checkpoint"]

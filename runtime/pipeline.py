@@ -220,8 +220,11 @@ class Pipeline:
                     else art.backend
                 )
                 options = dict(backend_options or {})
-                if name == "openvino":
-                    options = {k: v for k, v in options.items() if k in ("threads", "device")}
+                if name == "openvino" and "providers" in options:
+                    raise BackendError(
+                        "execution providers are ONNX Runtime's: drop --providers, or use "
+                        "--backend onnxruntime"
+                    )
                 if art.extra.get("ort_optimized") and (name or art.backend) == "onnxruntime":
                     options.setdefault("ort_optimized", art.extra["ort_optimized"])
                 b = open_backend(path, name, batch=art.batch, **options)

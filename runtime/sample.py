@@ -76,7 +76,7 @@ RUN_RECORD = "sample_run.json"
     help="default: from the file (openvino runs the build's ONNX graphs too)",
 )
 @click.option("--providers", help="ONNX Runtime execution providers, comma-separated")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)")
+@click.option("--threads", type=int, help="engine threads (default: physical cores)")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
     help="output folder (replaced whole by this run)",

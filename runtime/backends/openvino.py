@@ -2,9 +2,8 @@
 
 Precision follows the graph: fp32 and int8 Q/DQ graphs run with fp32 arithmetic outside the
 quantised ops (OpenVINO's CPU plugin would otherwise pick bf16 by itself on CPUs with bf16
-units); bf16 runs only where asked, by the artefact (`gdexport build --bf16` writes IR files
-that record it) or by `precision="bf16"`. Construction reads, fixes and compiles the model once;
-with `cache_dir` the compiled blob is kept there for the next start.
+units); bf16 runs only where asked (`precision="bf16"`). Construction reads, fixes and compiles
+the model once; with `cache_dir` the compiled blob is kept there for the next start.
 
 One fix is applied to every model read: OpenVINO 2025-2026 computes a ConvTranspose
 (ConvolutionBackpropData) wrongly when its weight constant is shared with another op, which is
@@ -24,7 +23,6 @@ from runtime.manifest import TensorSpec
 
 INSTALL = "pip install 'gdexport[openvino]'"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
-RT_INFO_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
 _OV_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32"}
 _DECONV = ("ConvolutionBackpropData", "GroupConvolutionBackpropData")
 
@@ -81,22 +79,12 @@ def read_model(path: str | Path, core=None):
     return model
 
 
-def recorded_precision(model) -> str | None:
-    """The precision an IR file records (`gdexport build --bf16`), None for plain graphs."""
-    if model.has_rt_info(RT_INFO_KEY):
-        hint = str(model.get_rt_info(RT_INFO_KEY))
-        for name, h in PRECISION_HINTS.items():
-            if hint == h:
-                return name
-    return None
-
-
 class OvBackend:
     """A compiled OpenVINO model behind the Backend protocol.
 
-    `precision`: "fp32" or "bf16" arithmetic (default: what the file records, else fp32);
-    `threads`: inference threads (default: physical cores); `cache_dir`: OpenVINO's compiled-model
-    cache (a folder; the runtime puts it in the build folder); `device`: an OpenVINO device name
+    `precision`: "fp32" (default) or "bf16" arithmetic; `threads`: inference threads (default:
+    physical cores); `cache_dir`: a folder for OpenVINO's compiled-model cache (default: none);
+    `device`: an OpenVINO device name
     ("CPU", "GPU", "NPU"); `batch`: the manifest's batch range, checked on every call.
     """
 
@@ -104,7 +92,7 @@ class OvBackend:
         self,
         path: str | Path,
         *,
-        precision: str | None = None,
+        precision: str = "fp32",
         threads: int | None = None,
         cache_dir: str | Path | None = None,
         device: str = "CPU",
@@ -121,7 +109,6 @@ class OvBackend:
                 f"{', '.join(core.available_devices)})"
             )
         model = read_model(path, core)
-        precision = precision or recorded_precision(model) or "fp32"
         if precision not in PRECISION_HINTS:
             raise BackendError(
                 f"the OpenVINO backend runs fp32 or bf16 arithmetic, not {precision!r} (int8 "
@@ -182,10 +169,3 @@ def _spec(port) -> TensorSpec:
     ty = port.get_element_type().get_type_name()
     shape = tuple(d.get_length() if d.is_static else "batch" for d in port.get_partial_shape())
     return TensorSpec(port.get_any_name(), _OV_TYPES.get(ty, ty), shape)
-
-
-def save_ir(model, xml: Path, precision: str) -> None:
-    """Write `model` as IR (`xml` + `.bin`, fp32 weights), recording the arithmetic precision."""
-    ov = import_openvino()
-    model.set_rt_info(PRECISION_HINTS[precision], RT_INFO_KEY)
-    ov.save_model(model, str(xml), compress_to_fp16=False)

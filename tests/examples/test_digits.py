@@ -20,7 +20,6 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from digits_common import load_digits_split  # noqa: E402
-from digits_judge import StrongJudge  # noqa: E402
 from digits_judge_logreg import Judge  # noqa: E402
 from guidance_sweep import upsample  # noqa: E402
 

@@ -90,3 +90,10 @@ def test_bad_input_is_a_backend_error(build_dir, tmp_path):
     with open_backend(m.verify(art), "openvino", batch=art.batch) as ov:
         with pytest.raises(BackendError, match="outside the engine's range"):
             ov(_feeds(ov.inputs, art.batch["max"] + 1, 0))
+
+
+def test_onnx_runtime_providers_are_refused_on_openvino(build_dir):
+    with pytest.raises(BackendError, match="providers are ONNX Runtime's"):
+        Pipeline.from_manifest(
+            build_dir, backend="openvino", backend_options={"providers": ["CPUExecutionProvider"]}
+        )

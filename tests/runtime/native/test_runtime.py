@@ -17,7 +17,7 @@ import pytest
 
 from runtime.manifest import Manifest, ManifestError
 from runtime.pipeline import Pipeline
-from tests.runtime.native.conftest import Native, NativeError, ov_engines
+from tests.runtime.native.conftest import Native, NativeError
 
 LABELS = [0, 3, 5, 7, 9, 2]
 
@@ -101,9 +101,8 @@ def test_base_trajectory_matches_python_on_the_same_openvino_engines(
     kw = dict(scale=scale, steps=steps, sampler=sampler, eta=eta, seed=11, upsample=False)
     with Pipeline.from_manifest(digits, upsampler=False) as pipe:
         ort = pipe.sample(LABELS[:4], save_trajectory=True, **kw)
-        engines = ov_engines(pipe)
-        with pipe.wrapped_engines(lambda role, b: engines[role]):
-            ov = pipe.sample(LABELS[:4], save_trajectory=True, **kw)
+    with Pipeline.from_manifest(digits, upsampler=False, backend="openvino") as pipe:
+        ov = pipe.sample(LABELS[:4], save_trajectory=True, **kw)
     assert traj.shape == ov.trajectory["x"].shape
     assert np.abs(traj - ov.trajectory["x"]).max() <= 1e-4
     assert np.abs(x0 - ov.x).max() <= 1e-4

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
-from tests.runtime.native.conftest import Native, ov_engines
+from tests.runtime.native.conftest import Native
 
 LABELS = [0, 4, 9]
 
@@ -30,9 +30,8 @@ def test_tiny_build_matches_python(native: Native, build_dir, sampler, steps):
         assert pipe.base["diffusion"]["learn_sigma"]
         assert pipe.upsampler_info["diffusion"]["noise_schedule"] == "linear"
         ort = pipe.sample(LABELS, **kw)
-        engines = ov_engines(pipe)
-        with pipe.wrapped_engines(lambda role, b: engines[role]):
-            ov = pipe.sample(LABELS, save_trajectory=True, **kw)
+    with Pipeline.from_manifest(build_dir, backend="openvino") as pipe:
+        ov = pipe.sample(LABELS, save_trajectory=True, **kw)
     assert labels.tolist() == LABELS
     assert np.abs(traj - ov.trajectory["x"]).max() <= 1e-4
     base = np.abs(to_uint8(x0).astype(int) - ov.base_images.astype(int))
