@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from export.exporter import (
@@ -95,7 +96,23 @@ def build(
     out = Path(out)
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    engine_backend = choose_backend(backend)
+    if precision == "bf16":
+        if backend == "tensorrt":
+            raise ExportError(
+                "--bf16 builds OpenVINO artefacts for CPUs with bf16 units; for TensorRT build "
+                "--fp16 or --int8"
+            )
+        from export.precision.bf16 import bf16_ready
+
+        ok, why = bf16_ready()
+        if not ok:  # before any export work
+            raise ExportError(
+                f"--bf16: {why}. Build --fp32 (or --int8) on this machine, or build --bf16 on "
+                f"a CPU with bf16 units"
+            )
+        engine_backend = "openvino"
+    else:
+        engine_backend = choose_backend(backend)
     batch = batch or {"min": 1, "opt": 1, "max": 16}
     manifest = None
     if (out / MANIFEST_NAME).is_file():
@@ -115,7 +132,9 @@ def build(
             f"{out} holds no export: give the model (--preset / --set / --model-flags / --config) "
             f"so that `gdexport build` exports it first"
         )
-    if engine_backend == "onnxruntime":
+    if engine_backend == "openvino":
+        log("bf16: OpenVINO IR artefacts for this CPU's bf16 units")
+    elif engine_backend == "onnxruntime":
         log(
             f"no TensorRT here ({tensorrt_available()[1]}): building ONNX Runtime {precision} artefacts instead"
         )
@@ -134,9 +153,7 @@ def _build_engines(
     out = manifest.folder
     options = dict(int8_options or {})
     if precision == "int8":
-        # ONNX Runtime's x86 int8 kernels overflow with full-range weights on CPUs without
-        # VNNI; TensorRT needs no margin.
-        options.setdefault("reduce_range", engine_backend == "onnxruntime")
+        options.setdefault("reduce_range", int8_needs_reduce_range(engine_backend)[0])
     leaf = precision_leaf(precision, options)
     engines = EngineOptions(engine_backend, workspace_gb, opt_level, out / "timing.cache")
     staging = new_staging(out)
@@ -168,6 +185,9 @@ def _build_engines(
             writer.put_artifacts(entries)
             rows += new_rows
         leaf.finish(writer)
+        if precision == "int8":
+            why = int8_needs_reduce_range(engine_backend, options["reduce_range"])[1]
+            writer.put_section("int8", {**writer.data["int8"], "weight_range_why": why})
         if rows:
             log(format_table(rows))
         writer.put_parity(rows)
@@ -177,9 +197,109 @@ def _build_engines(
                 staged, models, precision, engine_backend, trajectory_steps, log
             )
             writer.put_trajectories([precision], traj)
+        if engine_backend != "tensorrt":
+            staged = Manifest(writer.data, out, staging=staging)
+            choice = choose_cpu_runtime(staged, precision, log)
+            if choice is not None:
+                section = dict(writer.data.get("runtime") or {})
+                if section.get("cpu") != choice["cpu"]:
+                    section = {"cpu": choice["cpu"]}  # timed on another CPU: start afresh
+                section.setdefault("choices", {})[precision] = choice["choice"]
+                writer.put_section("runtime", section)
         return writer.commit(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def int8_needs_reduce_range(engine_backend: str, given: bool | None = None) -> tuple[bool, str]:
+    """(7-bit weights?, why): ONNX Runtime's x86 int8 kernels sum pairs of u8 x s8 products in
+    saturating 16-bit lanes on CPUs without an int8 dot-product unit (VNNI, AMX-INT8), which
+    full-range weights overflow; with one they accumulate in 32 bits and 7 bits only cost
+    accuracy. TensorRT needs no margin. `given`: the user's choice, explained as such."""
+    from runtime import cpu
+
+    unit = cpu.int8_dot_product()
+    model = cpu.cpu_info()["model"]
+    if given is not None and given != (engine_backend == "onnxruntime" and unit is None):
+        return given, f"{'7' if given else '8'}-bit weights as asked (reduce_range={given})"
+    if engine_backend != "onnxruntime":
+        return False, f"8-bit weights: {engine_backend} needs no accumulator margin"
+    if unit is None:
+        return True, (
+            f"7-bit weights: {model} has no VNNI or AMX-INT8, so x86 int8 kernels accumulate in "
+            f"16 bits; an 8-bit-weight graph run on it would overflow"
+        )
+    return False, (
+        f"8-bit weights: {model} has {unit} (32-bit int8 accumulation); run this int8 graph on "
+        f"ONNX Runtime only on CPUs with VNNI or AMX (OpenVINO runs it anywhere)"
+    )
+
+
+def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) -> dict | None:
+    """Time the UNet artefact of `precision` on every CPU backend present that runs it (ONNX
+    Runtime and OpenVINO run ONNX graphs; OpenVINO IR only OpenVINO), alternating call by call,
+    and return {"cpu": identity, "choice": {backend, why, ms per call}}; None with one backend."""
+    import importlib.util
+    import statistics
+    import time
+
+    from export.parity import fit_feeds
+    from runtime import cpu
+    from runtime.backends import BackendError, open_backend
+
+    art = staged.artifact("unet", precision)
+    if art is None:
+        return None
+    candidates = ["openvino"] if art.backend == "openvino" else ["onnxruntime"]
+    if art.backend == "onnxruntime" and importlib.util.find_spec("openvino") is not None:
+        candidates.append("openvino")
+    if len(candidates) < 2:
+        return None
+    path = staged.verify(art)
+    spec = staged.components["unet"]
+    size, steps = spec["image_size"], spec["diffusion"]["diffusion_steps"]
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((1, 3, size, size), dtype=np.float32),
+        "t": np.array([steps // 2], np.int64),
+        "y": np.zeros(1, np.int64),  # dropped by fit_feeds when the UNet takes no label
+    }
+    times: dict[str, list[float]] = {}
+    engines = {}
+    try:
+        for name in candidates:
+            options = {"precision": "bf16" if precision == "bf16" else "fp32"}
+            try:
+                engines[name] = open_backend(
+                    path, name, batch=art.batch, **(options if name == "openvino" else {})
+                )
+            except BackendError as e:
+                log(f"runtime choice: {name} cannot run {art.file} ({e})")
+                continue
+            times[name] = []
+        runs = {n: (e, fit_feeds(feeds, e.inputs)) for n, e in engines.items()}
+        for e, f in runs.values():
+            e(f)  # warm-up
+        for _ in range(calls):
+            for name, (e, f) in runs.items():
+                t0 = time.perf_counter()
+                e(f)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        for e in engines.values():
+            e.close()
+    if len(times) < 2:
+        return None
+    ms = {n: round(1e3 * statistics.median(ts), 3) for n, ts in times.items()}
+    best = min(ms, key=ms.get)
+    others = ", ".join(f"{n} {v:g} ms" for n, v in ms.items() if n != best)
+    model = cpu.cpu_info()["model"]
+    why = (
+        f"fastest {precision} UNet call at batch 1 on {model}: {best} {ms[best]:g} ms vs {others} "
+        f"(median of {calls} alternating calls)"
+    )
+    log(f"runtime backend for {precision}: {best} ({why})")
+    return {"cpu": cpu.identity(), "choice": {"backend": best, "why": why, "ms_per_unet_call": ms}}
 
 
 def _trajectory_rows(staged: Manifest, models, precision, engine_backend, steps, log) -> list:
@@ -203,4 +323,7 @@ def _trajectory_rows(staged: Manifest, models, precision, engine_backend, steps,
     return rows
 
 
-__all__ = ["build", "choose_backend", "tensorrt_available", "COMPONENT_KIND", "PRECISIONS"]
+__all__ = [
+    "build", "choose_backend", "choose_cpu_runtime", "int8_needs_reduce_range",
+    "tensorrt_available", "COMPONENT_KIND", "PRECISIONS",
+]  # fmt: skip

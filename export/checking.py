@@ -1,7 +1,8 @@
 """`gdexport check BUILD`: every artefact against the PyTorch reference, and whole trajectories.
 
-Each artefact is run through the backend that runs it (ONNX Runtime, or TensorRT where TensorRT
-and a GPU are present; elsewhere its plans are listed as not checked). The figures replace the
+Each artefact is run through the backend that runs it (ONNX Runtime; TensorRT where TensorRT
+and a GPU are present, OpenVINO where a CPU with bf16 units is; elsewhere those artefacts are
+listed as not checked). The figures replace the
 same artefacts' and precisions' earlier ones in the manifest; the rest are kept.
 """
 
@@ -32,13 +33,19 @@ def run_check(
 
     manifest = Manifest.load(build)
     models = {name: load_component_from_manifest(manifest, name) for name in manifest.components}
+    from export.precision.bf16 import bf16_ready
+
     trt_ok, trt_why = tensorrt_available()
+    ov_ok, ov_why = bf16_ready()  # the only OpenVINO artefacts are bf16 IR
     rows, skipped = [], []
     for art in manifest.artifacts:
         if precision and art.precision != precision:
             continue
         if art.backend == "tensorrt" and not trt_ok:
             skipped.append(f"{art.file} (tensorrt: {trt_why}; check it on a machine with it)")
+            continue
+        if art.backend == "openvino" and not ov_ok:
+            skipped.append(f"{art.file} (openvino: {ov_why}; check it on a machine with it)")
             continue
         path = manifest.verify(art)
         rows.append(check_artifact(
@@ -53,19 +60,21 @@ def run_check(
     writer = ManifestWriter.of(manifest)
     writer.put_parity(rows)
     if trajectory:
-        measured, traj_rows = _trajectories(manifest, models, precision, steps, trt_ok, log)
+        measured, traj_rows = _trajectories(manifest, models, precision, steps, trt_ok, ov_ok, log)
         ok = ok and all(r.passed is not False for r in traj_rows)
         writer.put_trajectories(measured, traj_rows)
     writer.commit(manifest.folder)
     return ok
 
 
-def _trajectories(manifest: Manifest, models, precision, steps, trt_ok, log):
+def _trajectories(manifest: Manifest, models, precision, steps, trt_ok, ov_ok, log):
     from export.trajectory import format_rows, trajectory_parity
     from runtime.pipeline import Pipeline
     from runtime.sampling import NonFiniteError
 
-    backends = ("onnxruntime", "tensorrt") if trt_ok else ("onnxruntime",)
+    backends = (
+        ("onnxruntime",) + (("tensorrt",) if trt_ok else ()) + (("openvino",) if ov_ok else ())
+    )
     pairs = sorted(
         {
             (a.precision, a.backend)

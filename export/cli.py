@@ -325,6 +325,12 @@ def triton_cmd(
     "--fp16", "precision", flag_value="fp16", default=True, help="fp16 with fp32 islands (default)"
 )
 @click.option(
+    "--bf16",
+    "precision",
+    flag_value="bf16",
+    help="bf16 OpenVINO artefacts, for CPUs with bf16 units (AVX512-BF16, AMX)",
+)
+@click.option(
     "--int8",
     "precision",
     flag_value="int8",

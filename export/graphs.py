@@ -32,7 +32,9 @@ class StagedGraph:
     """A graph of one role and precision in the staging folder, before its engine and check.
 
     `fields`: extra manifest fields of its entry; `note`: appended to its parity row's `what`;
-    `tol`: the parity tolerance (see `export.parity.tolerance_for`), None to report only."""
+    `tol`: the parity tolerance (see `export.parity.tolerance_for`), None to report only;
+    `source`: for an OpenVINO IR `.xml`, the ONNX graph it was converted from (whose inputs and
+    outputs it has, and which passed the op check)."""
 
     role: str
     precision: str
@@ -40,13 +42,14 @@ class StagedGraph:
     fields: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     tol: Any = None
+    source: Path | None = None
 
 
 @dataclass
 class EngineOptions:
     """Where the build's engines run, and TensorRT's settings where that is TensorRT."""
 
-    backend: str = "onnxruntime"  # or "tensorrt"
+    backend: str = "onnxruntime"  # or "tensorrt", or "openvino" (bf16 IR)
     workspace_gb: float = 4.0
     opt_level: int = 3
     timing_cache: Path | None = None
@@ -77,17 +80,20 @@ def artifact_entry(
     graph: Path | None = None,
     **extra,
 ) -> dict[str, Any]:
-    """The manifest entry of `staging/file`: an ONNX graph, or a TensorRT plan built from
-    `graph` (whose inputs and outputs the plan has)."""
+    """The manifest entry of `staging/file`: an ONNX graph, or a TensorRT plan (`.plan`) or
+    OpenVINO IR (`.xml` + `.bin`) made from `graph` (whose inputs and outputs it has)."""
     path = staging / file
     inputs, outputs = graph_io(graph or path)
-    data = path.with_name(file + ".data")
+    backend, fmt = ("onnxruntime", "onnx")
+    if graph is not None:
+        backend, fmt = ("openvino", "ir") if path.suffix == ".xml" else ("tensorrt", "plan")
+    data = path.with_suffix(".bin") if fmt == "ir" else path.with_name(file + ".data")
     entry = {
         "file": file,
         "role": role,
         "precision": precision,
-        "backend": "tensorrt" if graph is not None else "onnxruntime",
-        "format": "plan" if graph is not None else "onnx",
+        "backend": backend,
+        "format": fmt,
         "sha256": sha256_of(path),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         "inputs": [t.to_json() for t in inputs],
@@ -132,15 +138,24 @@ def finish_graph(
     from export.onnx_export import OPSET
     from export.parity import check_artifact
 
-    check_ops(graph.path)
-    entries = [
-        artifact_entry(
-            graph.path.parent, graph.path.name, graph.role, graph.precision, batch, opset=OPSET,
-            trt_op_check="pass", **graph.fields,
-        )
-    ]  # fmt: skip
-    engine_path, backend = graph.path, "onnxruntime"
-    if engines.backend == "tensorrt":
+    if graph.path.suffix == ".xml":  # OpenVINO IR of an ONNX graph checked at its export
+        entries = [
+            artifact_entry(
+                graph.path.parent, graph.path.name, graph.role, graph.precision, batch,
+                graph=graph.source, openvino=_openvino_version(), **graph.fields,
+            )
+        ]  # fmt: skip
+        engine_path, backend = graph.path, "openvino"
+    else:
+        check_ops(graph.path)
+        entries = [
+            artifact_entry(
+                graph.path.parent, graph.path.name, graph.role, graph.precision, batch,
+                opset=OPSET, trt_op_check="pass", **graph.fields,
+            )
+        ]  # fmt: skip
+        engine_path, backend = graph.path, "onnxruntime"
+    if engines.backend == "tensorrt" and backend == "onnxruntime":
         entries.append(_trt_engine(graph, staging, batch, engines, log))
         engine_path, backend = staging / entries[-1]["file"], "tensorrt"
     rows = []
@@ -164,6 +179,12 @@ def finish_graph(
                 f"{row.tol:.0e} against the PyTorch reference); nothing was written"
             )
     return entries, rows
+
+
+def _openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__
 
 
 def _trt_engine(graph: StagedGraph, staging: Path, batch, engines: EngineOptions, log) -> dict:

@@ -210,6 +210,15 @@ class Manifest:
                 f"{artifact.sha256[:12]}...): the file was changed or corrupted after the build; "
                 f"rebuild the folder with the same `gdexport build` command"
             )
+        data = artifact.extra.get("external_data")
+        if data:  # an ONNX graph's external weights or an OpenVINO IR's .bin
+            side = confined(path.parent, data["file"])
+            if not side.is_file() or sha256_of(side) != data["sha256"]:
+                state = "missing" if not side.is_file() else "changed or corrupted"
+                raise ManifestError(
+                    f"{side} (the weights of {path.name}) is {state} since the build; rebuild "
+                    f"the folder with the same `gdexport build` command"
+                )
         return path
 
 

@@ -11,6 +11,7 @@ its own generator seeded (s, j), so results do not depend on the batch size or o
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -155,6 +156,8 @@ class Pipeline:
         self.base = comps["unet"]
         self.classifier_info = comps.get("classifier") if classifier else None
         self.upsampler_info = comps.get("upsampler") if upsampler else None
+        # (backend running the build's ONNX graphs, why): set by `from_manifest`.
+        self.backend_choice: tuple[str, str] = ("onnxruntime", "the default")
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -194,6 +197,12 @@ class Pipeline:
         )
         if unet_art.role != "unet":
             raise ManifestError(f"{unet_art.file} is a {unet_art.role} engine, not the UNet")
+        # The CPU backend for ONNX graphs: the one asked for, else the build's timed choice
+        # when it was timed on this CPU, else ONNX Runtime.
+        choice = (backend, "asked for") if backend else ("onnxruntime", "the default")
+        if backend is None and unet_art.backend == "onnxruntime":
+            choice = _recorded_choice(manifest, unet_art.precision) or choice
+        runs_onnx = choice[0]
 
         def pick(role: str, given) -> Artifact | None:
             if given is False:
@@ -215,28 +224,36 @@ class Pipeline:
             def open_(art: Artifact) -> tuple[Artifact, Backend]:
                 path = manifest.verify(art)
                 name = (
-                    backend
-                    if art.backend == "onnxruntime" and backend != "tensorrt"
+                    runs_onnx
+                    if art.backend == "onnxruntime" and runs_onnx != "tensorrt"
                     else art.backend
                 )
                 options = dict(backend_options or {})
-                if name == "openvino" and "providers" in options:
-                    raise BackendError(
-                        "execution providers are ONNX Runtime's: drop --providers, or use "
-                        "--backend onnxruntime"
-                    )
+                if name == "openvino":
+                    if "providers" in options:
+                        raise BackendError(
+                            "execution providers are ONNX Runtime's: drop --providers, or use "
+                            "--backend onnxruntime"
+                        )
+                    options.setdefault("precision", "bf16" if art.precision == "bf16" else "fp32")
+                    if manifest.staging is None:
+                        options.setdefault("cache_dir", _ov_cache_dir(manifest.folder))
+                if name == "onnxruntime" and art.precision == "int8":
+                    _check_int8_weights(manifest, art)
                 if art.extra.get("ort_optimized") and (name or art.backend) == "onnxruntime":
                     options.setdefault("ort_optimized", art.extra["ort_optimized"])
                 b = open_backend(path, name, batch=art.batch, **options)
                 opened.append(b)
                 return art, b
 
-            return cls(
+            pipe = cls(
                 manifest,
                 open_(unet_art),
                 open_(clf_art) if clf_art else None,
                 open_(up_art) if up_art else None,
             )
+            pipe.backend_choice = choice
+            return pipe
         except BaseException:
             for b in opened:
                 b.close()
@@ -688,6 +705,43 @@ def _preferred_backend() -> str:
     import importlib.util
 
     return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "onnxruntime"
+
+
+def _recorded_choice(manifest: Manifest, precision: str) -> tuple[str, str] | None:
+    """The build's timed CPU backend for `precision` (manifest section "runtime"), when it was
+    timed on this CPU and its package is installed here."""
+    import importlib.util
+
+    from runtime import cpu
+
+    section = manifest.data.get("runtime") or {}
+    pick = (section.get("choices") or {}).get(precision)
+    if not pick or section.get("cpu") != cpu.identity():
+        return None
+    if importlib.util.find_spec(pick["backend"]) is None:
+        return None
+    return pick["backend"], f"the build's choice on this CPU: {pick['why']}"
+
+
+def _ov_cache_dir(folder: Path) -> Path | None:
+    """OpenVINO's compiled-model cache inside the build folder, where the folder is writable."""
+    cache = Path(folder) / "openvino_cache"
+    return cache if os.access(cache if cache.is_dir() else folder, os.W_OK) else None
+
+
+def _check_int8_weights(manifest: Manifest, art: Artifact) -> None:
+    """Refuse an 8-bit-weight int8 graph on ONNX Runtime on a CPU without an int8 dot-product
+    unit: its 16-bit accumulators overflow and the images come out wrong, silently."""
+    from runtime import cpu
+
+    if (manifest.data.get("int8") or {}).get("weight_range") != "8-bit":
+        return
+    if cpu.int8_dot_product() is None:
+        raise BackendError(
+            f"{art.file} has 8-bit weights, which ONNX Runtime's int8 kernels overflow on this "
+            f"CPU ({cpu.cpu_info()['model']}: no VNNI or AMX-INT8). Use --backend openvino, or "
+            f"rebuild with `gdexport build --int8` on this machine (7-bit weights)"
+        )
 
 
 def _backend_kind(backend: str | None) -> str | None:

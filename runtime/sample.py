@@ -97,6 +97,9 @@ def cli(**kw) -> None:
         f"engines: {summary['engines']}; {t['total_s']:.2f} s sampling "
         f"({t['engine_s']:.2f} s in engines)"
     )
+    click.echo(
+        f"ONNX graphs ran on {summary['backend']['onnx_graphs']} ({summary['backend']['why']})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +254,7 @@ def run(kw: dict) -> dict:
                 save_trajectory=kw["save_trajectory"] is not None,
                 progress=lambda done, n: bar.set(done),
             )  # fmt: skip
+        backend_choice = pipe.backend_choice
         engines = {"unet": pipe.unet_artifact.file}
         if pipe.classifier_artifact:
             engines["classifier"] = pipe.classifier_artifact.file
@@ -264,6 +268,7 @@ def run(kw: dict) -> dict:
         "num_samples": int(len(result.images)),
         "labels": None if result.labels is None else result.labels.tolist(),
         "engines": engines,
+        "backend": {"onnx_graphs": backend_choice[0], "why": backend_choice[1]},
         "seed": kw["seed"],
         "timings": {"open_s": t_open, **result.timings},
     }

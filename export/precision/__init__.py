@@ -9,7 +9,8 @@ The build (`export.build`) runs every graph through the same loop (`export.graph
 a leaf only makes graphs. fp32 is the identity: the export's own graphs. fp16 re-exports the
 reference with its trunk in half (fp32 islands by construction, as the original's fp16 mode
 runs), which keeps GroupNorm, softmax and the timestep embedding fp32 exactly where the original
-keeps them; int8 inserts Q/DQ pairs into the fp32 graph, calibrated on recorded trajectories.
+keeps them; bf16 (CPUs with bf16 units) converts the fp32 graph to OpenVINO IR, compiled at bf16
+inference precision; int8 inserts Q/DQ pairs into the fp32 graph, calibrated on recorded trajectories.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from export.graphs import StagedGraph
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class PrecisionLeaf(Protocol):
@@ -64,6 +65,10 @@ def precision_leaf(precision: str, options: dict[str, Any] | None = None) -> Pre
         from export.precision.fp16 import Fp16
 
         return Fp16()
+    if precision == "bf16":
+        from export.precision.bf16 import Bf16
+
+        return Bf16()
     if precision == "int8":
         from export.precision.int8 import Int8
 

@@ -141,13 +141,18 @@ class OvBackend:
         self.path = path
         self.precision = precision
         self.batch = dict(batch) if batch else None
-        self.inputs = {p.get_any_name(): _spec(p) for p in self.compiled.inputs}
-        self.outputs = {p.get_any_name(): _spec(p) for p in self.compiled.outputs}
+        # A compiled port may carry several tensor names (a Cast folded into an input adds its
+        # output's name): use the graph's own input and output names.
+        names_in = [p.get_node().get_friendly_name() for p in model.inputs]
+        names_out = [_result_name(p) for p in model.outputs]
+        self.inputs = {n: _spec(p, n) for n, p in zip(names_in, self.compiled.inputs)}
+        self.outputs = {n: _spec(p, n) for n, p in zip(names_out, self.compiled.outputs)}
         self._ports = list(self.compiled.outputs)
+        self._index = {n: i for i, n in enumerate(self.inputs)}
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.inputs, feeds, self.batch)
-        self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        self.request.infer({self._index[k]: np.ascontiguousarray(v) for k, v in feeds.items()})
         # The request reuses its output tensors: the caller gets copies it owns.
         return {
             name: np.array(self.request.get_tensor(port).data, copy=True)
@@ -165,7 +170,14 @@ class OvBackend:
         self.close()
 
 
-def _spec(port) -> TensorSpec:
+def _result_name(port) -> str:
+    """The graph output's name: OpenVINO calls the Result of output `out` "out/sink_port_0"."""
+    names = port.get_names()
+    own = port.get_node().get_friendly_name().rsplit("/sink_port_", 1)[0]
+    return own if own in names or not names else sorted(names)[0]
+
+
+def _spec(port, name: str) -> TensorSpec:
     ty = port.get_element_type().get_type_name()
     shape = tuple(d.get_length() if d.is_static else "batch" for d in port.get_partial_shape())
-    return TensorSpec(port.get_any_name(), _OV_TYPES.get(ty, ty), shape)
+    return TensorSpec(name, _OV_TYPES.get(ty, ty), shape)
