@@ -14,9 +14,13 @@ from runtime.backends import open_backend
 
 FP32_TOL = 1e-4
 # Reduced precision is judged relative to the output's magnitude: |err| <= rel * max|ref|.
-# bf16 keeps 8 mantissa bits to fp16's 11, but OpenVINO keeps normalisations and softmax in fp32
-# and accumulates in fp32: measured 0.5-0.9% of max|ref| on the digits family (Zen 4).
-RELATIVE_TOL = {"fp16": 2e-2, "bf16": 2e-2}
+# bf16 keeps 8 mantissa bits to fp16's 11 (OpenVINO keeps normalisations and softmax in fp32 and
+# accumulates in fp32, but stores activations in bf16 between ops): measured 0.6-0.7% of max|ref|
+# on the digits family, 3.0% on the adm-64 UNet with random weights and 3-7% on the tests' small
+# random UNet (PyTorch's bf16 autocast: 1.8-2.5% there), AMD EPYC Zen 4, OpenVINO 2026. The gate
+# catches a broken conversion (errors of order max|ref|); the trajectory figures say what bf16
+# does to samples.
+RELATIVE_TOL = {"fp16": 2e-2, "bf16": 1e-1}
 
 
 def tolerance_for(precision: str) -> float | tuple[str, float] | None:
@@ -92,13 +96,13 @@ def parity_inputs(role: str, model: nn.Module, batch: int, seed: int) -> dict[st
 def reference_output(role: str, model: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     if role == "unet":
-        return model(t["x"], t["t"], t.get("y")).numpy()
+        return model(t["x"], t["t"], t.get("y")).float().numpy()
     if role == "upsampler":
-        return model(t["x"], t["t"], t["low_res"], t.get("y")).numpy()
+        return model(t["x"], t["t"], t["low_res"], t.get("y")).float().numpy()
     if role == "classifier":
-        return model(t["x"], t["t"]).numpy()
+        return model(t["x"], t["t"]).float().numpy()
     if role == "classifier_grad":
-        return classifier_gradient(model)(t["x"], t["t"], t["y"], t["scale"]).numpy()
+        return classifier_gradient(model)(t["x"], t["t"], t["y"], t["scale"]).float().numpy()
     raise ValueError(role)
 
 
