@@ -193,6 +193,8 @@ class Pipeline:
             if engine is not None
             else manifest.artifact("unet", precision, prefer)
             or manifest.artifact("unet", precision, _backend_kind(backend))
+            or manifest.artifact("unet", precision, "onnxruntime")  # OpenVINO runs ONNX too
+            or manifest.artifact("unet", precision)
             or manifest.artifact("unet")
         )
         if unet_art.role != "unet":
