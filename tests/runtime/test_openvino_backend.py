@@ -97,3 +97,27 @@ def test_onnx_runtime_providers_are_refused_on_openvino(build_dir):
         Pipeline.from_manifest(
             build_dir, backend="openvino", backend_options={"providers": ["CPUExecutionProvider"]}
         )
+
+
+def test_the_compiled_model_cache_gives_the_same_outputs(build_dir, tmp_path):
+    """A warm start compiles from the path (OpenVINO's blob) only for graphs that need no fix;
+    the gradient graph, which needs it, is read and fixed every time and stays right."""
+    import json
+
+    m = Manifest.load(build_dir)
+    cache = tmp_path / "cache"
+    for role in ("unet", "classifier_grad"):
+        art = m.artifact(role, "fp32", "onnxruntime")
+        path = m.verify(art)
+        with open_backend(path, "onnxruntime") as ort:
+            feeds = _feeds(ort.inputs, 2, 3)
+            want = next(iter(ort(feeds).values()))
+        for _ in range(2):  # cold, then warm
+            with open_backend(path, "openvino", cache_dir=cache) as ov:
+                assert list(ov.inputs) == list(ort.inputs)
+                got = next(iter(ov(feeds).values()))
+            assert np.abs(got - want).max() <= 1e-4, role
+    known = json.loads((cache / "gdexport_graphs.json").read_text())
+    assert any("unet.onnx" in k for k in known)
+    assert not any("classifier_grad.onnx" in k for k in known)
+    assert any(p.suffix == ".blob" for p in cache.iterdir())
