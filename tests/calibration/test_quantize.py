@@ -105,6 +105,10 @@ def test_qdq_graph_is_what_tensorrt_needs(int8_build, file):
 def test_weights_dequantize_to_the_fp32_weights(int8_build, file):
     build, _ = int8_build
     q, ref = Graph(_load(build, file)), Graph(_load(build, file.replace(".int8", "")))
+    # The build picks the range from its CPU (7 bits without VNNI / AMX-INT8, see
+    # test_cpu_choices.py): ONNX Runtime maps [-max|w_c|, max|w_c|] onto [-64, 64] or [-127, 127].
+    seven = json.loads((build / "manifest.json").read_text())["int8"]["weight_range"] == "7-bit"
+    levels = 64 if seven else 127
     checked = 0
     for n in q.nodes:
         if n.op_type != "DequantizeLinear" or n.input[0] not in q.inits:
@@ -113,12 +117,11 @@ def test_weights_dequantize_to_the_fp32_weights(int8_build, file):
         name = n.input[0].removesuffix("_quantized")
         want = ref.array(name).astype(np.float64)
         got = w * scale.reshape(-1, *[1] * (w.ndim - 1))
-        # symmetric per-channel over 7 bits (for ONNX Runtime's x86 kernels): ONNX Runtime maps
-        # [-max|w_c|, max|w_c|] onto [-64, 64], so scale = max|w_c| / 64; error at most half a step
+        # symmetric per-channel: scale = max|w_c| / levels; error at most half a step
         np.testing.assert_allclose(
-            scale, np.abs(want).reshape(len(want), -1).max(1) / 64, rtol=1e-5
+            scale, np.abs(want).reshape(len(want), -1).max(1) / levels, rtol=1e-5
         )
-        assert np.abs(w).max() <= 64
+        assert np.abs(w).max() <= levels
         assert (np.abs(got - want) <= scale.reshape(-1, *[1] * (w.ndim - 1)) / 2 + 1e-7).all()
         checked += 1
     assert checked >= 5
@@ -189,10 +192,14 @@ def test_int8_unet_close_to_fp32_but_not_equal(int8_build, calib_build):
     assert 1e-3 < rel < 0.2, rel
 
 
-def test_onnxruntime_int8_graphs_record_their_7_bit_weights(int8_build):
+def test_onnxruntime_int8_graphs_record_their_weight_range(int8_build):
+    from runtime import cpu
+
     build, _ = int8_build
     data = json.loads((build / "manifest.json").read_text())
     arts = [
         a for a in data["artifacts"] if a["precision"] == "int8" and a["backend"] == "onnxruntime"
     ]
-    assert arts and all(a["quantization"]["reduce_range"] is True for a in arts)
+    seven = cpu.int8_dot_product() is None  # 16-bit accumulators: 7-bit weights
+    assert arts and all(a["quantization"]["reduce_range"] is seven for a in arts)
+    assert data["int8"]["weight_range"] == ("7-bit" if seven else "8-bit")

@@ -84,3 +84,50 @@ def test_the_build_times_the_cpu_backends_and_pipeline_uses_its_choice(build_cop
     with Pipeline.from_manifest(build_copy) as pipe:
         assert pipe.backend_choice == ("onnxruntime", "the default")
         assert type(pipe.engine("unet")).__name__ == "OrtBackend"
+
+
+def _quantised_convs(path) -> int:
+    """Convolutions of a Q/DQ graph whose weight comes through a DequantizeLinear."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    return sum(
+        1 for n in g.node if n.op_type == "Conv" and made_by.get(n.input[1]) == "DequantizeLinear"
+    )
+
+
+def test_the_int8_graph_runs_on_integer_kernels(int8_build):
+    """ONNX Runtime fuses every quantised convolution into QLinearConv (its integer kernel), and
+    OpenVINO executes each one in u8/i8: the int8 graph is not run in float behind Q/DQ pairs."""
+    import collections
+
+    import onnx
+
+    out, _ = int8_build
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(out)
+    art = m.artifact("unet", "int8", "onnxruntime")
+    n = _quantised_convs(m.verify(art))
+    assert n > 0
+    opt = out / art.extra["ort_optimized"]["file"]
+    ops = collections.Counter(x.op_type for x in onnx.load(str(opt)).graph.node)
+    assert ops["QLinearConv"] == n, ops
+    if not HAS_OV:
+        return
+    import openvino as ov
+
+    from runtime.backends.openvino import read_model
+
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    runtime_model = core.compile_model(
+        read_model(m.verify(art), core), "CPU", cfg
+    ).get_runtime_model()
+    integer = 0
+    for op in runtime_model.get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            integer += info["runtimePrecision"].astype(str) in ("u8", "i8")
+    assert integer == n
