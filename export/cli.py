@@ -223,6 +223,14 @@ def info(build_dir):
     if parity.get("trajectories"):
         click.echo("")
         click.echo(format_rows([TrajectoryRow(**r) for r in parity["trajectories"]]))
+    runtime = m.data.get("runtime") or {}
+    if runtime.get("choices"):
+        from runtime import cpu
+
+        here = "this CPU" if runtime.get("cpu") == cpu.identity() else "another CPU: not used here"
+        click.echo(f"\nCPU backend chosen by the build ({here}):")
+        for prec, c in runtime["choices"].items():
+            click.echo(f"  {prec:<5} {c['backend']}: {c['why']}")
     if bad:
         _fail(f"{len(bad)} artefact(s) of {build_dir} fail verification: " + " ".join(bad))
     click.echo(

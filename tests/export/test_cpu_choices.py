@@ -73,6 +73,8 @@ def test_the_build_times_the_cpu_backends_and_pipeline_uses_its_choice(build_cop
     ms = choice["ms_per_unet_call"]
     assert set(ms) == {"onnxruntime", "openvino"} and choice["backend"] == min(ms, key=ms.get)
     assert f"runtime backend for fp32: {choice['backend']}" in result.output
+    info = CliRunner().invoke(main, ["info", str(build_copy)])
+    assert info.exit_code == 0 and "CPU backend chosen by the build (this CPU)" in info.output
     engine_type = {"onnxruntime": "OrtBackend", "openvino": "OvBackend"}
     with Pipeline.from_manifest(build_copy) as pipe:
         assert pipe.backend_choice[0] == choice["backend"]
