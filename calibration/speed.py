@@ -15,8 +15,31 @@ from pathlib import Path
 import click
 import numpy as np
 
+from runtime.backends import Backend
 from runtime.backends.onnxruntime import OrtBackend
 from runtime.manifest import Manifest
+
+
+def time_backends(
+    backends: Mapping[str, Backend],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    calls: int = 20,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """{name: median seconds per call} of each open backend on `feeds` (each given the inputs
+    it takes), after `warmup` calls each, the timed calls alternating between them."""
+    fitted = {n: {k: v for k, v in feeds.items() if k in b.inputs} for n, b in backends.items()}
+    for name, b in backends.items():
+        for _ in range(warmup):
+            b(fitted[name])
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(calls):
+        for name, b in backends.items():
+            t0 = time.perf_counter()
+            b(fitted[name])
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def time_graphs(
@@ -27,22 +50,13 @@ def time_graphs(
     warmup: int = 3,
     threads: int | None = None,
 ) -> dict[str, float]:
-    """{name: median seconds per call} of each graph on `feeds`, calls alternating between them."""
+    """{name: median seconds per call} of each graph on ONNX Runtime (`time_backends`)."""
     backends = {name: OrtBackend(path, threads=threads) for name, path in graphs.items()}
     try:
-        for b in backends.values():
-            for _ in range(warmup):
-                b(feeds)
-        times: dict[str, list[float]] = {name: [] for name in backends}
-        for _ in range(calls):
-            for name, b in backends.items():
-                t0 = time.perf_counter()
-                b(feeds)
-                times[name].append(time.perf_counter() - t0)
+        return time_backends(backends, feeds, calls=calls, warmup=warmup)
     finally:
         for b in backends.values():
             b.close()
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def unet_feeds(manifest: Manifest, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from export.exporter import (
@@ -240,10 +239,8 @@ def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) ->
     Runtime and OpenVINO run ONNX graphs; OpenVINO IR only OpenVINO), alternating call by call,
     and return {"cpu": identity, "choice": {backend, why, ms per call}}; None with one backend."""
     import importlib.util
-    import statistics
-    import time
 
-    from export.parity import fit_feeds
+    from calibration.speed import time_backends, unet_feeds
     from runtime import cpu
     from runtime.backends import BackendError, open_backend
 
@@ -256,15 +253,6 @@ def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) ->
     if len(candidates) < 2:
         return None
     path = staged.verify(art)
-    spec = staged.components["unet"]
-    size, steps = spec["image_size"], spec["diffusion"]["diffusion_steps"]
-    rng = np.random.default_rng(0)
-    feeds = {
-        "x": rng.standard_normal((1, 3, size, size), dtype=np.float32),
-        "t": np.array([steps // 2], np.int64),
-        "y": np.zeros(1, np.int64),  # dropped by fit_feeds when the UNet takes no label
-    }
-    times: dict[str, list[float]] = {}
     engines = {}
     try:
         for name in candidates:
@@ -275,22 +263,13 @@ def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) ->
                 )
             except BackendError as e:
                 log(f"runtime choice: {name} cannot run {art.file} ({e})")
-                continue
-            times[name] = []
-        runs = {n: (e, fit_feeds(feeds, e.inputs)) for n, e in engines.items()}
-        for e, f in runs.values():
-            e(f)  # warm-up
-        for _ in range(calls):
-            for name, (e, f) in runs.items():
-                t0 = time.perf_counter()
-                e(f)
-                times[name].append(time.perf_counter() - t0)
+        if len(engines) < 2:
+            return None
+        seconds = time_backends(engines, unet_feeds(staged), calls=calls, warmup=1)
     finally:
         for e in engines.values():
             e.close()
-    if len(times) < 2:
-        return None
-    ms = {n: round(1e3 * statistics.median(ts), 3) for n, ts in times.items()}
+    ms = {n: round(1e3 * v, 3) for n, v in seconds.items()}
     best = min(ms, key=ms.get)
     others = ", ".join(f"{n} {v:g} ms" for n, v in ms.items() if n != best)
     model = cpu.cpu_info()["model"]
