@@ -73,7 +73,9 @@ def _shift(x0: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tens
     size = x0.shape[-1]
     padded = F.pad(x0, (max_shift,) * 4, value=-1.0)
     offsets = torch.randint(0, 2 * max_shift + 1, (x0.shape[0], 2), generator=gen).tolist()
-    return torch.stack([padded[k, :, i : i + size, j : j + size] for k, (i, j) in enumerate(offsets)])
+    return torch.stack(
+        [padded[k, :, i : i + size, j : j + size] for k, (i, j) in enumerate(offsets)]
+    )
 
 
 def _classifier_loss(model, x0, y, gen, sched) -> torch.Tensor:
