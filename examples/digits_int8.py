@@ -1,10 +1,12 @@
 """int8 against fp32 on the shipped digits family, judged: `python examples/digits_int8.py BUILD`.
 
 Samples the build's base stage with its fp32 and its int8 ONNX Runtime pipelines from the same
-seeds and target labels (label j mod 10 for sample j), then scores both with the independent judge
-(examples/digits_judge_logreg.py: a clean-image classifier never used for guidance):
+seeds and target labels (label j mod 10 for sample j), then scores both with the independent strong
+judge (examples/digits_judge.py: an RBF-kernel SVM fitted on clean digits, never used for guidance):
 
     accuracy    the judge's agreement with the target labels
+    recognisable  the share the judge calls a digit with confidence (digits_judge.CONFIDENT, and
+                a real training digit nearby)
     diversity   mean over judged classes of the mean pairwise L2 distance within the class
                 (grey 16x16 in [-1, 1]; the definition of examples/guidance_sweep.py)
     agreement   how often the judge gives an int8 sample the class of its fp32 twin, and the
@@ -23,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from digits_judge import StrongJudge  # noqa: E402
 from digits_judge_logreg import diversity, grey  # noqa: E402
 
 from runtime.pipeline import Pipeline  # noqa: E402
@@ -37,12 +40,11 @@ def judge_int8(
     steps: str = "ddim25",
     batch: int = 16,
 ) -> dict:
-    """Judge accuracy and diversity of fp32 and int8 samples from the same seeds and labels."""
-    from digits_judge_logreg import Judge
-
-    judge = Judge()
+    """Judge accuracy, recognisable share and diversity of fp32 and int8 samples from the same
+    seeds and labels."""
+    judge = StrongJudge()
     labels = np.arange(samples) % 10
-    out: dict = {"samples": samples, "seed": seed, "steps": steps}
+    out: dict = {"samples": samples, "seed": seed, "steps": steps, "judge": judge.kind}
     xs, judged = {}, {}
     for precision in ("fp32", "int8"):
         with Pipeline.from_manifest(build, precision=precision, backend="onnxruntime") as pipe:
@@ -56,6 +58,7 @@ def judge_int8(
         judged[precision] = judge.predict(xs[precision])
         out[precision] = {
             "accuracy": float((judged[precision] == labels).mean()),
+            "recognisable": float(judge.recognisable(xs[precision]).mean()),
             "diversity": diversity(xs[precision], judged[precision]),
             "classifier": None if clf is None else f"{clf.file} ({clf.precision})",
         }

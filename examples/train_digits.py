@@ -64,6 +64,20 @@ def _diffusion_loss(model, x0, gen, sched, low_res=None) -> torch.Tensor:
     return F.mse_loss(out, noise)
 
 
+def _shift(x0: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Translate each image by up to `max_shift` pixels in x and y, filling with background (-1).
+    The digits are centred crops of 8x8 scans, so a noisy classifier trained on them alone
+    keys on absolute pixel positions; the base model's samples are not always centred."""
+    if max_shift <= 0:
+        return x0
+    size = x0.shape[-1]
+    padded = F.pad(x0, (max_shift,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (x0.shape[0], 2), generator=gen).tolist()
+    return torch.stack(
+        [padded[k, :, i : i + size, j : j + size] for k, (i, j) in enumerate(offsets)]
+    )
+
+
 def _classifier_loss(model, x0, y, gen, sched) -> torch.Tensor:
     t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), generator=gen)
     x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen), sched)
@@ -132,6 +146,7 @@ def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) ->
     for step, idx in bar:
         x0 = x0_all[idx]
         if is_clf:
+            x0 = _shift(x0, gen, args.shift)
             loss = _classifier_loss(model, x0, data.y[idx], gen, sched)
         elif name == "upsampler":
             low_res = _degrade(data.x16[idx], gen, args.lowres_noise)
@@ -158,6 +173,7 @@ def train(name: str, data: Digits, *, steps: int, seed: int, out: Path, args) ->
         lr_schedule=f"linear warm-up {warmup} steps, cosine decay to 0", ema=args.ema, seed=seed, wall_s=round(wall, 1), final_loss=round(running, 5),
         lowres_noise=args.lowres_noise if name == "upsampler" else None,
         crop=(args.crop, args.full_steps) if name == "upsampler" else None,
+        shift=args.shift if is_clf else None,
         torch=torch.__version__, threads=torch.get_num_threads(), checkpoint=path.name,
         command="python examples/train_digits.py " + " ".join(sys.argv[1:]),
     )  # fmt: skip
@@ -205,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--full-steps", type=int, default=150,
                    help="upsampler: the last N steps train on whole 32x32 images")  # fmt: skip
+    p.add_argument("--shift", type=int, default=0,
+                   help="classifier: random translation of up to N pixels (16x16 grid)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="save the EMA weights every N steps (0: only at the end)")  # fmt: skip
