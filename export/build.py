@@ -235,9 +235,9 @@ def int8_needs_reduce_range(engine_backend: str, given: bool | None = None) -> t
 
 
 def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) -> dict | None:
-    """Time the UNet artefact of `precision` on every CPU backend present that runs it (ONNX
-    Runtime and OpenVINO run ONNX graphs; OpenVINO IR only OpenVINO), alternating call by call,
-    and return {"cpu": identity, "choice": {backend, why, ms per call}}; None with one backend."""
+    """Time the ONNX UNet artefact of `precision` on ONNX Runtime and OpenVINO, alternating call
+    by call, and return {"cpu": identity, "choice": {backend, why, ms per call}}; None where only
+    one backend can run it (OpenVINO absent, or an OpenVINO IR artefact)."""
     import importlib.util
 
     from calibration.speed import time_backends, unet_feeds
@@ -245,22 +245,14 @@ def choose_cpu_runtime(staged: Manifest, precision: str, log, calls: int = 3) ->
     from runtime.backends import BackendError, open_backend
 
     art = staged.artifact("unet", precision)
-    if art is None:
-        return None
-    candidates = ["openvino"] if art.backend == "openvino" else ["onnxruntime"]
-    if art.backend == "onnxruntime" and importlib.util.find_spec("openvino") is not None:
-        candidates.append("openvino")
-    if len(candidates) < 2:
+    if art is None or art.backend != "onnxruntime" or importlib.util.find_spec("openvino") is None:
         return None
     path = staged.verify(art)
     engines = {}
     try:
-        for name in candidates:
-            options = {"precision": "bf16" if precision == "bf16" else "fp32"}
+        for name in ("onnxruntime", "openvino"):
             try:
-                engines[name] = open_backend(
-                    path, name, batch=art.batch, **(options if name == "openvino" else {})
-                )
+                engines[name] = open_backend(path, name, batch=art.batch)
             except BackendError as e:
                 log(f"runtime choice: {name} cannot run {art.file} ({e})")
         if len(engines) < 2:

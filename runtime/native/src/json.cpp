@@ -30,6 +30,19 @@ struct Parser {
   void ws() {
     while (p < s.size() && (s[p] == ' ' || s[p] == '\t' || s[p] == '\n' || s[p] == '\r')) ++p;
   }
+  // After a member or element: true at the closing bracket, false after a ',' (go on).
+  bool closed(char close) {
+    ws();
+    if (p < s.size() && s[p] == ',') {
+      ++p;
+      return false;
+    }
+    if (p < s.size() && s[p] == close) {
+      ++p;
+      return true;
+    }
+    bad("Expecting ',' delimiter");
+  }
   bool lit(const char* w) {
     size_t n = std::char_traits<char>::length(w);
     if (s.compare(p, n, w) == 0) {
@@ -165,16 +178,7 @@ struct Parser {
             replaced = true;
           }
         if (!replaced) j.obj.emplace_back(std::move(key), std::move(v));
-        ws();
-        if (p < s.size() && s[p] == ',') {
-          ++p;
-          continue;
-        }
-        if (p < s.size() && s[p] == '}') {
-          ++p;
-          return j;
-        }
-        bad("Expecting ',' delimiter");
+        if (closed('}')) return j;
       }
     }
     if (c == '[') {
@@ -187,16 +191,7 @@ struct Parser {
       }
       while (true) {
         j.arr.push_back(value(depth + 1));
-        ws();
-        if (p < s.size() && s[p] == ',') {
-          ++p;
-          continue;
-        }
-        if (p < s.size() && s[p] == ']') {
-          ++p;
-          return j;
-        }
-        bad("Expecting ',' delimiter");
+        if (closed(']')) return j;
       }
     }
     if (c == '"') {
